@@ -1,0 +1,1 @@
+"""Stage entry points (extract, train, evaluate, score) and the `mimic` CLI."""

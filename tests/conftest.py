@@ -1,0 +1,135 @@
+"""Shared fixtures: tiny configs of the real transformers classes of every supported family, built in code."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import transformers as tf
+
+TEXT = dict(
+    vocab_size=96,
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=3,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=256,
+    pad_token_id=0,
+    bos_token_id=1,
+    eos_token_id=2,
+)
+IMAGE_TOKEN = 5
+MROPE = dict(rope_scaling=dict(type="mrope", mrope_section=[1, 1, 2]))
+QWEN_VISION = dict(depth=1, num_heads=2, in_channels=3, patch_size=2, spatial_merge_size=2, temporal_patch_size=2)
+
+
+def _idefics2():
+    return tf.Idefics2ForConditionalGeneration(
+        tf.Idefics2Config(
+            text_config=dict(model_type="mistral", **TEXT),
+            vision_config=dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2, image_size=16, patch_size=4),
+            perceiver_config=dict(hidden_size=32, resampler_n_latents=4, resampler_depth=1, resampler_n_heads=2, resampler_head_dim=8, num_key_value_heads=1),
+            image_token_id=IMAGE_TOKEN,
+        )
+    )
+
+
+def _idefics():
+    text = {k: v for k, v in TEXT.items() if k != "num_key_value_heads"}
+    return tf.IdeficsForVisionText2Text(
+        tf.IdeficsConfig(
+            **text,
+            cross_layer_interval=1,
+            vision_config=dict(embed_dim=16, image_size=16, patch_size=4, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32),
+            perceiver_config=dict(use_resampler=False),
+            additional_vocab_size=2,
+        )
+    )
+
+
+def _llava_onevision():
+    return tf.LlavaOnevisionForConditionalGeneration(
+        tf.LlavaOnevisionConfig(
+            text_config=dict(model_type="qwen2", **TEXT),
+            vision_config=dict(model_type="siglip_vision_model", hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2, image_size=16, patch_size=4),
+            image_token_index=IMAGE_TOKEN,
+        )
+    )
+
+
+def _llava():
+    return tf.LlavaForConditionalGeneration(
+        tf.LlavaConfig(
+            text_config=dict(model_type="qwen2", **TEXT),
+            vision_config=dict(model_type="clip_vision_model", hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2, image_size=16, patch_size=4),
+            image_token_index=IMAGE_TOKEN,
+        )
+    )
+
+
+def _qwen2_vl():
+    return tf.Qwen2VLForConditionalGeneration(
+        tf.Qwen2VLConfig(
+            text_config=dict(**TEXT, **MROPE),
+            vision_config=dict(embed_dim=16, hidden_size=32, **QWEN_VISION),
+            image_token_id=IMAGE_TOKEN, video_token_id=6, vision_start_token_id=7,
+        )
+    )
+
+
+def _qwen2_5_vl():
+    return tf.Qwen2_5_VLForConditionalGeneration(
+        tf.Qwen2_5_VLConfig(
+            text_config=dict(**TEXT, **MROPE),
+            vision_config=dict(hidden_size=16, intermediate_size=32, out_hidden_size=32, fullatt_block_indexes=[0], **QWEN_VISION),
+            image_token_id=IMAGE_TOKEN, video_token_id=6, vision_start_token_id=7,
+        )
+    )
+
+
+BUILDERS = {
+    "idefics2": _idefics2,
+    "idefics": _idefics,
+    "llava_onevision": _llava_onevision,
+    "llava": _llava,
+    "qwen2_vl": _qwen2_vl,
+    "qwen2_5_vl": _qwen2_5_vl,
+}
+
+
+def build_tiny(name: str, dtype: torch.dtype = torch.float32, seed: int = 0):
+    """A tiny, randomly initialised model of family `name`, in eval mode, SDPA attention, frozen."""
+    torch.manual_seed(seed)
+    model = BUILDERS[name]().to(dtype).eval()
+    model.set_attn_implementation("sdpa")
+    model.requires_grad_(False)
+    return model
+
+
+def left_padded_batch(seed: int = 0, lengths: tuple[int, ...] = (12, 9, 6), vocab: int = 96):
+    """input_ids and attention_mask [B, T], left-padded, with token ids clear of the special ones."""
+    g = torch.Generator().manual_seed(seed)
+    t = max(lengths)
+    ids = torch.randint(10, vocab, (len(lengths), t), generator=g)
+    mask = torch.zeros(len(lengths), t, dtype=torch.long)
+    for i, n in enumerate(lengths):
+        mask[i, t - n :] = 1
+        ids[i, : t - n] = 0
+    return ids, mask
+
+
+@pytest.fixture(params=list(BUILDERS))
+def family_name(request) -> str:
+    return request.param
+
+
+def extra_inputs(name: str, input_ids: torch.Tensor, seed: int = 0) -> dict:
+    """Inputs a family needs beyond text: Idefics v1 always cross-attends to images (one per sample here)."""
+    if name != "idefics":
+        return {}
+    g = torch.Generator().manual_seed(seed)
+    b, t = input_ids.shape
+    return {
+        "pixel_values": torch.randn(b, 1, 3, 16, 16, generator=g),
+        "image_attention_mask": torch.ones(b, t, 1, dtype=torch.long),
+    }
