@@ -27,11 +27,12 @@ class Family:
     image_placeholder: str  # what stands for one image in prompt text; the processor expands it
     attention: str = "self_attn"  # attribute of a decoder layer: its self-attention module
     mlp: str = "mlp"  # attribute of a decoder layer: its MLP
+    image_axis: int = 0  # processor image tensors: 0 = one flat list over the batch, 1 = [batch, images, ...]
 
 
 FAMILIES: tuple[Family, ...] = (
-    Family("idefics2", ("idefics2",), "model.text_model.layers", "text_config", "<image>"),
-    Family("idefics", ("idefics",), "model.layers", None, "<image>"),
+    Family("idefics2", ("idefics2",), "model.text_model.layers", "text_config", "<image>", image_axis=1),
+    Family("idefics", ("idefics",), "model.layers", None, "<image>", image_axis=1),
     Family("llava", ("llava", "llava_onevision"), "model.language_model.layers", "text_config", "<image>"),
     Family(
         "qwen2_vl",

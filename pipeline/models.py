@@ -1,0 +1,80 @@
+"""Load a model and its processor from a local directory, or the embedded default by name. No hub access."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor, PretrainedConfig
+
+from pipeline.errors import MimicError
+from pipeline.families import Adapter, family_for
+
+EMBEDDED = "embedded"  # the name of the model that ships inside this package
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64}
+
+
+@dataclass
+class Loaded:
+    """A frozen model in eval mode, its processor (None if not asked for) and its family adapter."""
+
+    model: torch.nn.Module
+    processor: object | None
+    adapter: Adapter
+    source: str  # the name or path it was loaded from
+
+
+def resolve_model_path(name_or_path: str) -> Path:
+    """`embedded` -> the packaged default; anything else must be a local directory with a config.json."""
+    if name_or_path == EMBEDDED:
+        from pipeline.embedded import MODEL_DIR
+
+        return MODEL_DIR
+    path = Path(name_or_path)
+    if not (path / "config.json").is_file():
+        raise MimicError(
+            f"model directory not found or has no config.json: {path} "
+            f"(give a local checkpoint directory or {EMBEDDED!r}; nothing is downloaded)"
+        )
+    return path
+
+
+def load_model(
+    name_or_path: str, dtype: str = "float32", device: str = "cpu", with_processor: bool = True
+) -> Loaded:
+    """Load with `from_pretrained(dir)` from local files only; the family is checked before any weight is read."""
+    if dtype not in DTYPES:
+        raise MimicError(f"unknown dtype {dtype!r}: choose one of {', '.join(DTYPES)}")
+    path = resolve_model_path(name_or_path)
+    config = AutoConfig.from_pretrained(path, local_files_only=True)
+    family_for(config.model_type)
+    model = AutoModelForImageTextToText.from_pretrained(
+        path, dtype=DTYPES[dtype], attn_implementation="sdpa", local_files_only=True
+    )
+    model.to(device).eval().requires_grad_(False)
+    processor = None
+    if with_processor:
+        try:
+            processor = AutoProcessor.from_pretrained(path, local_files_only=True)
+        except (OSError, ValueError) as err:
+            raise MimicError(f"no usable processor in {path}: {err}") from err
+    return Loaded(model, processor, Adapter(model), str(name_or_path))
+
+
+def config_fingerprint(config: PretrainedConfig) -> str:
+    """A hash of the architecture-defining config: equal for the same model wherever it is stored."""
+    data = config.to_dict()
+
+    def clean(value):
+        if isinstance(value, dict):
+            return {
+                str(k): clean(v)
+                for k, v in sorted(value.items())
+                if not str(k).startswith("_") and k not in ("transformers_version", "dtype", "torch_dtype")
+            }
+        return value
+
+    return hashlib.sha256(json.dumps(clean(data), sort_keys=True, default=str).encode()).hexdigest()[:16]

@@ -1,0 +1,91 @@
+"""Shift weights on disk, like a peft adapter: `shift.safetensors` (only shift tensors) + `shift_config.json`."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from pipeline import __version__
+from pipeline.errors import MimicError
+from pipeline.families import Adapter
+from pipeline.models import config_fingerprint
+from pipeline.shift import MimicShift, ShiftSpec
+
+WEIGHTS = "shift.safetensors"
+CONFIG = "shift_config.json"
+FORMAT = 1
+
+
+def _atomic_write(path: Path, write) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    write(tmp)
+    os.replace(tmp, path)
+
+
+def save_shift(shift: MimicShift, directory: str | Path, adapter: Adapter, provenance: dict | None = None) -> Path:
+    """Write the shift tensors and a JSON config that is enough to reload them without the training config."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    config = {
+        "format": FORMAT,
+        "package_version": __version__,
+        "family": adapter.family.name,
+        "model_type": adapter.model.config.model_type,
+        "architecture": type(adapter.model).__name__,
+        "base_model": str(adapter.model.config.name_or_path),
+        "config_fingerprint": config_fingerprint(adapter.model.config),
+        "num_layers": adapter.geometry.num_layers,
+        "spec": shift.spec.to_dict(),
+        "provenance": provenance or {},
+    }
+    tensors = {name: p.detach().to("cpu", torch.float32).contiguous() for name, p in shift.named_parameters()}
+    # Weights first, config last: a directory with a config always has its weights.
+    _atomic_write(directory / WEIGHTS, lambda p: save_file(tensors, str(p)))
+    _atomic_write(directory / CONFIG, lambda p: p.write_text(json.dumps(config, indent=2, sort_keys=True)))
+    return directory
+
+
+def read_shift_config(directory: str | Path) -> dict:
+    """The JSON config of a saved shift, or a one-line error naming what is missing."""
+    path = Path(directory) / CONFIG
+    if not path.is_file():
+        raise MimicError(f"no trained shift in {directory}: {CONFIG} is missing")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise MimicError(f"{path} is not valid JSON: {err}") from err
+
+
+def load_shift(directory: str | Path, adapter: Adapter | None = None, device: str | torch.device = "cpu") -> MimicShift:
+    """Rebuild a saved shift; with `adapter`, refuse one trained for a model of another family or shape."""
+    config = read_shift_config(directory)
+    spec = ShiftSpec(**{**config["spec"], "layers": tuple(config["spec"]["layers"])})
+    if adapter is not None:
+        geo = adapter.geometry
+        if adapter.family.name != config["family"] or (spec.num_heads, spec.head_dim, spec.hidden_size, config["num_layers"]) != (
+            geo.num_heads, geo.head_dim, geo.hidden_size, geo.num_layers
+        ):
+            raise MimicError(
+                f"shift in {directory} was trained for {config['family']} model {config['base_model']!r} "
+                f"({config['num_layers']} layers, {spec.num_heads} heads x {spec.head_dim}); this model is "
+                f"{adapter.family.name} with {geo.num_layers} layers, {geo.num_heads} heads x {geo.head_dim}"
+            )
+    path = Path(directory) / WEIGHTS
+    try:
+        tensors = load_file(str(path), device=str(device))
+    except (FileNotFoundError, SafetensorError, OSError) as err:
+        raise MimicError(f"cannot read shift weights {path}: {err}") from err
+    shift = MimicShift(spec).to(device)
+    expected = {name: tuple(shape) for name, shape in spec.shapes().items()}
+    found = {name: tuple(t.shape) for name, t in tensors.items()}
+    if found != expected:
+        raise MimicError(f"{path} holds tensors {found}, but its config describes {expected}")
+    with torch.no_grad():
+        for name, tensor in tensors.items():
+            getattr(shift, name).copy_(tensor)
+    return shift

@@ -1,0 +1,91 @@
+"""Prompts from token segments: teacher and student share the query+answer tokens; batches pad correctly."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from conftest import build_tiny
+from PIL import Image
+from tokenizers import AddedToken, Tokenizer, models, normalizers, pre_tokenizers
+from transformers import Idefics2ImageProcessorPil, Idefics2Processor, PreTrainedTokenizerFast
+
+from pipeline.embedded.model import build_processor
+from pipeline.errors import MimicError
+from pipeline.families import Adapter, family_for
+from pipeline.prompts import PromptTemplate, assemble, bos_segment, collate, encode_round
+
+SPECIAL = ["<pad>", "<unk>", "<s>", "<fake_token_around_image>", "<end_of_utterance>", "<image>"]  # <image> = id 5
+WORDS = ["\n", "question", ":", "short", "answer", "what", "is", "this", "?", "red", "blue", "green"]
+
+
+def tiny_idefics2_processor() -> Idefics2Processor:
+    backend = Tokenizer(models.WordLevel({w: i for i, w in enumerate(SPECIAL + WORDS)}, unk_token="<unk>"))
+    backend.normalizer = normalizers.Lowercase()
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    backend.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in SPECIAL])
+    backend.add_tokens([AddedToken("\n", normalized=False)])
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=backend, bos_token="<s>", pad_token="<pad>", unk_token="<unk>",
+        extra_special_tokens={"image_token": "<image>", "image_boundary_token": "<fake_token_around_image>",
+                              "end_of_utterance_token": "<end_of_utterance>"},
+    )
+    image_processor = Idefics2ImageProcessorPil(do_image_splitting=False, size={"longest_edge": 16, "shortest_edge": 16})
+    return Idefics2Processor(image_processor=image_processor, tokenizer=tokenizer, image_seq_len=4)
+
+
+def image(seed: int, size: int = 16) -> Image.Image:
+    return Image.fromarray(np.random.default_rng(seed).integers(0, 255, (size, size, 3), dtype=np.uint8))
+
+
+DEMOS = [("what is this ?", "red"), ("what is this ?", "blue"), ("what is this ?", "green")]
+
+
+def teacher_and_student(processor, family, k: int, query_seed: int = 9):
+    template = PromptTemplate()
+    demos = [encode_round(processor, family, template, q, [image(i)], a) for i, (q, a) in enumerate(DEMOS[:k])]
+    query = encode_round(processor, family, template, "what is this ?", [image(query_seed)], "red")
+    bos = bos_segment(processor)
+    return assemble([bos, *demos, query], family), assemble([bos, query], family), query
+
+
+@pytest.mark.parametrize("name", ["llava", "idefics2"])
+def test_query_answer_tokens_line_up_in_teacher_and_student(name):
+    processor = build_processor() if name == "llava" else tiny_idefics2_processor()
+    family = family_for(name)
+    teacher, student, query = teacher_and_student(processor, family, k=3)
+    n = len(query.input_ids)
+    assert torch.equal(teacher.input_ids[-n:], student.input_ids[-n:])
+    assert torch.equal(teacher.answer_mask[-n:], query.answer_mask) and torch.equal(student.answer_mask[-n:], query.answer_mask)
+    assert student.answer_mask.sum() == 2  # "red" and "\n"
+    decoded = processor.tokenizer.decode(student.input_ids[student.answer_mask])
+    assert decoded.replace(" ", "") == "red\n"
+    image_token = processor.tokenizer.convert_tokens_to_ids("<image>")
+    images = teacher.images["pixel_values"]
+    assert images.shape[family.image_axis] == 4  # three demonstrations and the query
+    per_image = int((teacher.input_ids == image_token).sum()) // 4
+    assert per_image * 4 == int((teacher.input_ids == image_token).sum()) and per_image > 0
+
+
+def test_left_padded_batch_equals_single_forwards():
+    model = build_tiny("idefics2")
+    processor = tiny_idefics2_processor()
+    family = Adapter(model).family
+    sequences = [teacher_and_student(processor, family, k)[0] for k in (0, 2, 3)]
+    batch = collate(sequences, family, pad_id=0)
+    assert batch["pixel_values"].shape[:2] == (3, 4)  # padded to the most images
+    with torch.no_grad():
+        logits = model(**{k: v for k, v in batch.items() if k != "answer_mask"}).logits
+        for row, seq in enumerate(sequences):
+            single = collate([seq], family, pad_id=0)
+            alone = model(**{k: v for k, v in single.items() if k != "answer_mask"}).logits[0]
+            assert (logits[row, -len(seq.input_ids) :] - alone).abs().max() <= 1e-4
+
+
+def test_bad_templates_and_lengths_are_refused():
+    with pytest.raises(MimicError, match="lacks the field"):
+        PromptTemplate(round="{question} {answer}")
+    processor = build_processor()
+    teacher, _, _ = teacher_and_student(processor, family_for("llava"), k=3)
+    with pytest.raises(MimicError, match="exceeds the model's limit"):
+        assemble([teacher], family_for("llava"), max_length=10)
