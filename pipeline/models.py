@@ -78,3 +78,11 @@ def config_fingerprint(config: PretrainedConfig) -> str:
         return value
 
     return hashlib.sha256(json.dumps(clean(data), sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def tokenizer_fingerprint(processor) -> str:
+    """A hash of the tokenizer's full definition (vocabulary, merges, normalizer, special tokens)."""
+    tokenizer = getattr(processor, "tokenizer", processor)
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    text = backend.to_str() if backend is not None else json.dumps(tokenizer.get_vocab(), sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]

@@ -119,3 +119,36 @@ def collate(sequences: Sequence[Segment], family: Family, pad_id: int) -> dict[s
             padded = [torch.cat([p, p.new_zeros(p.shape[0], most - p.shape[1], *p.shape[2:])], 1) for p in parts]
             out[key] = torch.cat(padded, 0)
     return out
+
+
+class PromptBuilder:
+    """Teacher, student and generation inputs for items, each round tokenized once and cached by item id."""
+
+    def __init__(self, processor, family: Family, template: PromptTemplate, max_length: int | None = None):
+        self.processor, self.family, self.template, self.max_length = processor, family, template, max_length
+        self._bos = bos_segment(processor)
+        self._rounds: dict[tuple[str, bool], Segment] = {}
+
+    def round(self, item, with_answer: bool = True) -> Segment:
+        from pipeline.data import load_image
+        from pipeline.splits import target_answer
+
+        key = (item.id, with_answer)
+        if key not in self._rounds:
+            images = [load_image(image) for image in item.images]
+            answer = target_answer(item) if with_answer else None
+            self._rounds[key] = encode_round(self.processor, self.family, self.template, item.question, images, answer)
+        return self._rounds[key]
+
+    def teacher(self, demos: Sequence, query) -> Segment:
+        """[bos] + demonstrations + query with its answer; the query+answer tokens come last."""
+        return assemble([self._bos, *(self.round(d) for d in demos), self.round(query)], self.family, self.max_length)
+
+    def student(self, query) -> Segment:
+        """[bos] + query with its answer: the same last tokens as `teacher`."""
+        return assemble([self._bos, self.round(query)], self.family, self.max_length)
+
+    def generation(self, demos: Sequence, query) -> Segment:
+        """[bos] + demonstrations + the query up to its answer, for generation."""
+        rounds = [self.round(d) for d in demos] + [self.round(query, with_answer=False)]
+        return assemble([self._bos, *rounds], self.family, self.max_length)

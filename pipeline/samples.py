@@ -1,0 +1,62 @@
+"""Training samples: (query, one of its M demonstration sets), numbered so that epoch e uses set e mod M."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from pipeline.data import Item
+from pipeline.icd import sample_icd_sets
+from pipeline.prompts import PromptBuilder, Segment, collate
+
+
+@dataclass(frozen=True)
+class TrainingSamples:
+    """Sample j = set s of query i with j = s * len(queries) + i."""
+
+    queries: list[Item]
+    support: list[Item]
+    icd_sets: list[list[list[int]]]  # [query][set][k] indices into support
+
+    @property
+    def m(self) -> int:
+        return len(self.icd_sets[0]) if self.icd_sets else 0
+
+    def __len__(self) -> int:
+        return self.m * len(self.queries)
+
+    def demos(self, j: int) -> tuple[Item, list[Item]]:
+        """The query of sample j and its demonstrations."""
+        s, i = divmod(j, len(self.queries))
+        return self.queries[i], [self.support[x] for x in self.icd_sets[i][s]]
+
+    def epoch_samples(self, epoch: int) -> list[int]:
+        """The sample numbers epoch `epoch` trains on: every query with ICD set (epoch mod M)."""
+        start = (epoch % self.m) * len(self.queries)
+        return list(range(start, start + len(self.queries)))
+
+
+def training_samples(queries: list[Item], support: list[Item], k: int, m: int, seed: int) -> TrainingSamples:
+    return TrainingSamples(queries, support, sample_icd_sets([q.id for q in queries], support, k, m, seed))
+
+
+def collate_segments(segments: Sequence[Segment], builder: PromptBuilder) -> dict[str, torch.Tensor]:
+    """A left-padded batch with the tokenizer's pad id."""
+    pad = builder.processor.tokenizer.pad_token_id
+    return collate(segments, builder.family, 0 if pad is None else pad)
+
+
+def teacher_batch(builder: PromptBuilder, samples: TrainingSamples, indices: Sequence[int]):
+    """Teacher inputs for samples `indices` and the number of query+answer tokens of each."""
+    pairs = [samples.demos(j) for j in indices]
+    batch = collate_segments([builder.teacher(demos, query) for query, demos in pairs], builder)
+    return batch, [len(builder.round(query).input_ids) for query, _ in pairs]
+
+
+def student_batch(builder: PromptBuilder, samples: TrainingSamples, indices: Sequence[int]):
+    """Student inputs (query + answer only) for samples `indices` and their query+answer token counts."""
+    queries = [samples.demos(j)[0] for j in indices]
+    batch = collate_segments([builder.student(q) for q in queries], builder)
+    return batch, [len(builder.round(q).input_ids) for q in queries]

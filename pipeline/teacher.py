@@ -1,0 +1,62 @@
+"""Forward a batch and gather per-layer states at each sequence's last tokens (its query+answer segment)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from pipeline.families import Adapter
+from pipeline.sites import record_sites
+
+MODEL_KEYS_SKIP = ("answer_mask",)
+
+
+def model_inputs(batch: dict[str, torch.Tensor], device: torch.device | str) -> dict[str, torch.Tensor]:
+    """The collated batch minus our bookkeeping keys, on `device`."""
+    return {k: v.to(device) for k, v in batch.items() if k not in MODEL_KEYS_SKIP}
+
+
+@dataclass
+class QueryStates:
+    """For each sequence of a batch: states [L, n_i, hidden] and (optionally) top-k logits at answer tokens."""
+
+    states: list[torch.Tensor]
+    topk_values: list[torch.Tensor] | None
+    topk_indices: list[torch.Tensor] | None
+
+
+def last_tokens(tensor: torch.Tensor, lengths: Sequence[int]) -> list[torch.Tensor]:
+    """Row i's last lengths[i] positions of a left-padded [B, T, ...] tensor (the query+answer tokens)."""
+    return [tensor[i, tensor.shape[1] - n :] for i, n in enumerate(lengths)]
+
+
+def forward_query_states(
+    model: torch.nn.Module,
+    adapter: Adapter,
+    batch: dict[str, torch.Tensor],
+    lengths: Sequence[int],
+    site: str,
+    layers: Sequence[int],
+    topk: int = 0,
+) -> tuple[QueryStates, torch.Tensor]:
+    """Run the model once, recording `site` in `layers`; returns the gathered states and the logits [B, T, V].
+
+    Gradients flow if enabled by the caller (the student); the teacher calls this under torch.no_grad().
+    """
+    device = next(model.parameters()).device
+    with record_sites(adapter, site, layers) as recorded:
+        logits = model(**model_inputs(batch, device)).logits
+    stacked = torch.stack([recorded[layer] for layer in layers], 1)  # (B, L, T, hidden)
+    states = [s.transpose(0, 1) for s in last_tokens(stacked.transpose(1, 2), lengths)]  # each (L, n_i, hidden)
+    values = indices = None
+    if topk:
+        mask = batch["answer_mask"].to(device)
+        # the logit predicting answer token t sits one position earlier
+        predicting = torch.zeros_like(mask)
+        predicting[:, :-1] = mask[:, 1:]
+        top = logits.float().topk(topk, dim=-1)
+        values = [top.values[i][predicting[i]] for i in range(len(lengths))]
+        indices = [top.indices[i][predicting[i]] for i in range(len(lengths))]
+    return QueryStates(states, values, indices), logits

@@ -1,0 +1,114 @@
+"""The MimIC objective, target sources (cache or online teacher) and resumable training state."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from pipeline.errors import MimicError
+from pipeline.families import Adapter
+from pipeline.prompts import PromptBuilder
+from pipeline.samples import TrainingSamples, teacher_batch
+from pipeline.shift import MimicShift
+from pipeline.teacher import forward_query_states
+
+
+def alignment_loss(student: Sequence[torch.Tensor], target: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Mean over layers of the MSE between student and teacher states; each item [L, n_i, hidden]."""
+    s = torch.cat(list(student), 1)  # (L, sum n_i, hidden)
+    t = torch.cat([x.to(s.dtype) for x in target], 1)
+    return (s - t).square().mean(dim=(1, 2)).mean()
+
+
+def answer_ce(logits: torch.Tensor, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Cross-entropy of the answer tokens; the logit at position t predicts token t + 1."""
+    mask = batch["answer_mask"][:, 1:].to(logits.device)
+    labels = batch["input_ids"][:, 1:].to(logits.device)
+    return F.cross_entropy(logits[:, :-1][mask].float(), labels[mask])
+
+
+class CacheTargets:
+    """Cached teacher states for a list of sample batches, read one batch ahead in a background thread."""
+
+    def __init__(self, reader, batches: Sequence[Sequence[int]]):
+        self.reader, self.batches = reader, list(batches)
+        self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="cache-prefetch")
+
+    def __iter__(self):
+        with self.pool:
+            pending = self.pool.submit(self._read, 0) if self.batches else None
+            for i in range(len(self.batches)):
+                current = pending.result()
+                pending = self.pool.submit(self._read, i + 1) if i + 1 < len(self.batches) else None
+                yield current
+
+    def _read(self, i: int) -> list[torch.Tensor]:
+        return [states for states, _, _ in self.reader.read_many(self.batches[i])]
+
+
+class OnlineTargets:
+    """The reference mode, as the paper's code trains: the frozen teacher runs on the same ICD sets every step."""
+
+    def __init__(self, model, adapter: Adapter, builder: PromptBuilder, samples: TrainingSamples, shift: MimicShift,
+                 batches: Sequence[Sequence[int]], site: str, layers: Sequence[int]):
+        self.args = model, adapter, builder, samples, shift, site, layers
+        self.batches = list(batches)
+
+    def __iter__(self):
+        model, adapter, builder, samples, shift, site, layers = self.args
+        for indices in self.batches:
+            batch, lengths = teacher_batch(builder, samples, indices)
+            with torch.no_grad(), _disabled(shift):
+                got, _ = forward_query_states(model, adapter, batch, lengths, site, layers)
+            yield got.states
+
+
+@contextlib.contextmanager
+def _disabled(shift: MimicShift):
+    was, shift.enabled = shift.enabled, False
+    try:
+        yield
+    finally:
+        shift.enabled = was
+
+
+def save_checkpoint(path: Path, state: dict) -> None:
+    """Atomic: a crash leaves the previous checkpoint, never half of a new one."""
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path: Path) -> dict | None:
+    if not path.is_file():
+        return None
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # a truncated or foreign file
+        raise MimicError(f"checkpoint {path} is unreadable ({err}); delete it to restart the run") from err
+
+
+def epoch_batches(samples: TrainingSamples, epoch: int, batch_size: int, seed: int) -> list[list[int]]:
+    """This epoch's sample numbers, shuffled by (seed, epoch), cut into batches."""
+    ids = samples.epoch_samples(epoch)
+    order = torch.randperm(len(ids), generator=torch.Generator().manual_seed(seed * 100_003 + epoch)).tolist()
+    shuffled = [ids[i] for i in order]
+    return [shuffled[i : i + batch_size] for i in range(0, len(shuffled), batch_size)]
+
+
+def autocast_for(device: str, precision: str) -> Callable[[], contextlib.AbstractContextManager]:
+    """bf16/fp16 autocast on GPU; fp32 (no autocast) otherwise."""
+    dtypes = {"bf16": torch.bfloat16, "fp16": torch.float16}
+    if precision == "fp32":
+        return contextlib.nullcontext
+    if precision not in dtypes:
+        raise MimicError(f"train.precision must be fp32, bf16 or fp16, got {precision!r}")
+    if not device.startswith("cuda"):
+        raise MimicError(f"train.precision={precision} needs a GPU (model.device is {device}); use fp32 on CPU")
+    return lambda: torch.autocast("cuda", dtype=dtypes[precision])

@@ -1,0 +1,45 @@
+"""Every shipped params file parses; unknown and missing keys are named in one error; overrides apply by name."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from pipeline.config import load_params
+from pipeline.errors import MimicError
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_shipped_params_parse():
+    params = load_params(ROOT / "params.yaml")
+    assert params.model.name == "embedded" and params.extract.k > 0 and params.train.lr > 0
+
+
+def test_overrides_by_name_and_types(tmp_path):
+    params = load_params(ROOT / "params.yaml", ["train.lr=0.5", "extract.layers=[0, 2]", "train.epochs=3"])
+    assert params.train.lr == 0.5 and params.extract.layers == [0, 2] and params.train.epochs == 3
+    with pytest.raises(MimicError, match="has no field 'train.lrr'"):
+        load_params(ROOT / "params.yaml", ["train.lrr=1"])
+    with pytest.raises(MimicError, match=r"train.epochs must be int, got 'many'"):
+        load_params(ROOT / "params.yaml", ["train.epochs=many"])
+
+
+def test_unknown_and_missing_keys_listed_together(tmp_path):
+    raw = yaml.safe_load((ROOT / "params.yaml").read_text())
+    raw["train"]["learning_rate"] = raw["train"].pop("lr")
+    raw["train"]["momentum"] = 0.9
+    path = tmp_path / "params.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    with pytest.raises(MimicError) as err:
+        load_params(path)
+    message = str(err.value)
+    assert "unknown keys ['learning_rate', 'momentum']" in message and "missing keys ['lr']" in message
+    assert "\n" not in message
+
+
+def test_missing_params_file(tmp_path):
+    with pytest.raises(MimicError, match="params file not found"):
+        load_params(tmp_path / "nope.yaml")
