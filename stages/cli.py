@@ -1,9 +1,11 @@
-"""The `mimic` command line: one sub-command per stage, each a thin recipe in its own module."""
+"""The `mimic` command line: argument parsing only; each command imports its stage recipe when it runs
+(so `mimic score` and `mimic --help` do not pay for importing torch and transformers)."""
 
 from __future__ import annotations
 
 import logging
 import sys
+from pathlib import Path
 
 import typer
 
@@ -18,10 +20,62 @@ app = typer.Typer(
 )
 app.add_typer(score.app, name="score")
 
+PARAMS = typer.Option(Path("params.yaml"), help="Parameters file (one section per stage).")
+SET = typer.Option([], "--set", "-s", help="Override a parameter by name, e.g. -s train.lr=0.01 (repeatable).")
+
 
 @app.callback()
 def _root(verbose: bool = typer.Option(False, "--verbose", "-v", help="Log debug messages.")) -> None:
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+
+
+@app.command("extract")
+def extract_command(
+    out: Path = typer.Option(Path("cache/teacher.zarr"), help="Zarr store to write; an interrupted one is resumed."),
+    replace: bool = typer.Option(False, help="Replace a store written with other parameters instead of refusing."),
+    params: Path = PARAMS,
+    set_: list[str] = SET,
+) -> None:
+    """Run the ICL teacher once and cache its per-layer query states (reads model, data, prompt, extract)."""
+    from stages.extract import extract
+
+    stats = extract(params, out, set_, replace=replace)
+    typer.echo(
+        f"{out}: {stats['samples']} samples, {stats['bytes_on_disk'] / 2**20:.2f} MiB on disk, "
+        f"compression {stats['compression_ratio']:.2f}x"
+    )
+
+
+@app.command("train")
+def train_command(
+    cache: Path = typer.Option(Path("cache/teacher.zarr"), help="Teacher store written by `mimic extract`."),
+    run_dir: Path = typer.Option(Path("runs/mimic"), "--run-dir", help="Checkpoints, log and the final shift."),
+    online: bool = typer.Option(False, help="Reference mode: run the teacher at every step, no cache."),
+    params: Path = PARAMS,
+    set_: list[str] = SET,
+) -> None:
+    """Train only the shift heads against the cached teacher states (reads model, data, prompt, extract, train)."""
+    from stages.train import train
+
+    summary = train(params, None if online else cache, run_dir, set_)
+    typer.echo(
+        f"{run_dir / 'shift'}: alignment loss {summary['first_align']:.4g} -> {summary['last_align']:.4g} "
+        f"in {summary['steps']} steps"
+    )
+
+
+@app.command("evaluate")
+def evaluate_command(
+    shift: Path = typer.Option(Path("runs/mimic/shift"), help="Trained shift directory (from `mimic train`)."),
+    metrics: Path = typer.Option(Path("metrics/evaluate.json"), help="Metrics JSON to write."),
+    predictions: Path = typer.Option(Path("metrics/predictions.jsonl"), help="Per-sample predictions to write."),
+    params: Path = PARAMS,
+    set_: list[str] = SET,
+) -> None:
+    """Compare zero-shot, k-shot ICL and MimIC on held-out queries (reads model, data, prompt, evaluate)."""
+    from stages.evaluate import evaluate, format_report
+
+    typer.echo(format_report(evaluate(params, shift, metrics, predictions, set_)))
 
 
 def main() -> None:
