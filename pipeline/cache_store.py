@@ -1,0 +1,487 @@
+"""The teacher cache: a Zarr v3 store of per-sample hidden states and top-k logits, written once, read many times.
+
+Layout (ragged): the tokens of all samples are concatenated along one axis. ``token_offsets`` [N+1] and
+``answer_offsets`` [N+1] are fixed when the store is created (the counts are known before the teacher runs),
+so every array is preallocated and samples may be written in any order. The arrays of each codec are listed
+in ``pipeline/cache_codecs.py``: token-axis arrays are [L, total_tokens, ...], chunked a few MiB along tokens
+(all layers x hidden in each chunk) and sharded ``shard_chunks`` chunks per file. ``sample_crc`` [N] int64 is
+the per-sample marker: -1 = not written, else the CRC-32 of the sample's stored bytes. Group attributes:
+``format``, ``fingerprint`` (the caller's dict), ``layout`` and ``complete``.
+
+Crash safety (the writer may be SIGKILLed at any instant; a rerun must equal an uninterrupted run):
+1. Every file write is atomic: zarr's LocalStore writes a temp file and renames it over the key
+   (``_atomic_write`` in zarr/storage/_local.py, zarr 3.1), so a chunk or shard file is always wholly its old
+   or its new version. A shard update is a read-modify-write of the whole file that ends in one rename.
+2. There is one writer at a time (an flock on the store directory; AsyncWriter uses a single thread) and its
+   writes are sequential, so each read-modify-write starts from the latest file and carries the neighbours'
+   bytes over unchanged: rewriting sample i cannot alter an already-marked sample.
+3. A sample's marker is written only after all its data files are in place. On resume, unmarked samples are
+   rewritten (the teacher is deterministic: same bytes) and leftover ``*.partial`` temp files are removed.
+   The skeleton (metadata, offsets, attributes) is built in a temporary directory renamed into place, so a
+   store path is never half-created.
+Not covered: power loss or an OS crash (LocalStore does not fsync). The reader checks each sample's CRC and
+zarr's crc32c codec guards every chunk and shard index, so such damage is reported rather than read.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import queue
+import shutil
+import threading
+import uuid
+from pathlib import Path
+
+import numpy as np
+import torch
+import zarr
+
+from pipeline.cache_codecs import (
+    TORCH_DTYPES,
+    ArraySpec,
+    Layout,
+    array_specs,
+    checksum,
+    decode_sample,
+    encode_sample,
+)
+from pipeline.errors import MimicError
+
+__all__ = ["AsyncWriter", "CacheReader", "CacheWriter", "Layout", "store_stats"]
+
+FORMAT = "mimic-teacher-cache/1"
+_ABSENT = "<absent>"
+Sample = tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]
+
+
+def _compressors() -> list:
+    return [zarr.codecs.BloscCodec(cname="zstd", clevel=3, shuffle="bitshuffle"), zarr.codecs.Crc32cCodec()]
+
+
+def _name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def _canonical(value: object) -> str:
+    return json.dumps(value, sort_keys=True)
+
+
+def first_difference(have: dict, want: dict) -> tuple[str, object, object] | None:
+    """The first key (in ``want``'s order, then ``have``'s extras) whose values differ, with both values."""
+    for key in [*want, *(k for k in have if k not in want)]:
+        a, b = have.get(key, _ABSENT), want.get(key, _ABSENT)
+        if _canonical(a) != _canonical(b):
+            return key, a, b
+    return None
+
+
+def _offsets(counts: list[int], name: str, minimum: int) -> np.ndarray:
+    counts = np.asarray(counts, dtype=np.int64)
+    if counts.ndim != 1 or len(counts) == 0 or (counts < minimum).any():
+        raise MimicError(f"cache {name}: need a non-empty list of integers >= {minimum}, one per sample")
+    return np.concatenate([[0], np.cumsum(counts)])
+
+
+class _Store:
+    """An open store: group, layout, offsets and arrays, shared by writer, reader and store_stats."""
+
+    def __init__(self, path: Path, mode: str) -> None:
+        try:
+            group = zarr.open_group(path, mode=mode, zarr_format=3)
+            attrs = group.attrs.asdict()
+            layout = Layout.from_dict(attrs["layout"]) if attrs.get("format") == FORMAT else None
+        except Exception as err:
+            raise MimicError(
+                f"{path} is not a MimIC teacher cache ({type(err).__name__}); pick another path or delete it"
+            ) from err
+        if layout is None:
+            raise MimicError(
+                f"{path} is not a MimIC teacher cache (format is not {FORMAT}); pick another path or delete it"
+            )
+        self.layout = layout
+        self.path, self.group = path, group
+        self.fingerprint: dict = attrs["fingerprint"]
+        self.complete = bool(attrs["complete"])
+        self.offsets = {"tokens": group["token_offsets"][:], "answers": group["answer_offsets"][:]}
+        self.specs = array_specs(self.layout)
+        self.arrays = {spec.name: group[spec.name] for spec in self.specs}
+        self.marks = group["sample_crc"]
+
+    def __len__(self) -> int:
+        return len(self.offsets["tokens"]) - 1
+
+    def bounds(self, spec: ArraySpec, i0: int, i1: int) -> tuple[int, int]:
+        """Rows of spec's ragged axis that samples [i0, i1) occupy."""
+        offsets = self.offsets[spec.axis]
+        return int(offsets[i0]), int(offsets[i1])
+
+
+def _create(path: Path, fingerprint: dict, layout: Layout, tokens: np.ndarray, answers: np.ndarray) -> None:
+    """Build the empty store in a temporary directory, then rename it to ``path`` in one step."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    for stale in path.parent.glob(f".{path.name}.creating-*"):
+        shutil.rmtree(stale, ignore_errors=True)
+    tmp = path.parent / f".{path.name}.creating-{uuid.uuid4().hex[:8]}"
+    group = zarr.open_group(tmp, mode="w-", zarr_format=3)
+    n = len(tokens) - 1
+    for name, offsets in (("token_offsets", tokens), ("answer_offsets", answers)):
+        group.create_array(name, shape=offsets.shape, chunks=offsets.shape, dtype="int64")[:] = offsets
+    group.create_array("sample_crc", shape=(n,), chunks=(min(n, 1 << 16),), dtype="int64", fill_value=-1)
+    for spec in array_specs(layout):
+        if spec.axis == "tokens":
+            rows, chunk, shard = int(tokens[-1]), layout.token_chunk, layout.token_chunk * layout.shard_chunks
+        else:
+            rows, chunk, shard = int(answers[-1]), layout.chunk_answers, None
+        group.create_array(
+            spec.name,
+            shape=spec.shape(rows),
+            chunks=spec.shape(chunk),
+            shards=spec.shape(shard) if shard else None,
+            dtype=spec.dtype,
+            compressors=_compressors(),
+            fill_value=0,
+        )
+    group.attrs.update(
+        {"format": FORMAT, "fingerprint": fingerprint, "layout": layout.to_dict(), "complete": False}
+    )
+    try:
+        os.rename(tmp, path)
+    except OSError:  # another process created it first: use theirs
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+class CacheWriter:
+    """Writes teacher samples into a store; reopening the same path resumes it, a complete store is left as is."""
+
+    def __init__(self, store: _Store) -> None:
+        self._store = store
+        self.path, self.layout, self.complete = store.path, store.layout, store.complete
+        self._lock_fd: int | None = None
+        if not self.complete:
+            self._lock()
+            for partial in self.path.rglob("*.partial"):  # temp files of writes cut short by a kill
+                partial.unlink()
+        self.done: set[int] = set(np.flatnonzero(store.marks[:] >= 0).tolist())
+
+    @classmethod
+    def open(
+        cls,
+        path: str | Path,
+        fingerprint: dict,
+        layout: Layout,
+        token_counts: list[int],
+        answer_counts: list[int],
+    ) -> CacheWriter:
+        """Create the store at ``path``, or resume it if it holds the same fingerprint, layout and counts."""
+        path = Path(path)
+        try:
+            fingerprint = json.loads(json.dumps(fingerprint))
+        except (TypeError, ValueError) as err:
+            raise MimicError(
+                f"cache fingerprint for {path} is not JSON-serialisable ({err}); use str/number/list/dict"
+            ) from err
+        tokens = _offsets(token_counts, "token_counts", 1)
+        answers = _offsets(answer_counts, "answer_counts", 0)
+        if len(tokens) != len(answers):
+            raise MimicError(
+                f"cache {path}: {len(tokens) - 1} token_counts but {len(answers) - 1} answer_counts"
+            )
+        if path.is_dir() and not any(path.iterdir()):
+            path.rmdir()  # an empty directory (made by hand or a tool) counts as no store
+        if not path.exists():
+            _create(path, fingerprint, layout, tokens, answers)
+        store = _Store(path, "r+")
+        diff = first_difference(store.fingerprint, fingerprint)
+        if diff:
+            key, have, want = diff
+            raise MimicError(
+                f"{path} was written for another run: fingerprint '{key}' is {have!r} there but {want!r} now; "
+                f"pick another cache path or delete {path}"
+            )
+        diff = first_difference(store.layout.to_dict(), layout.to_dict())
+        if diff:
+            raise MimicError(
+                f"{path} has layout {diff[0]}={diff[1]!r}, this run wants {diff[2]!r}; "
+                "pick another cache path or delete it"
+            )
+        for axis, want in (("tokens", tokens), ("answers", answers)):
+            have = store.offsets[axis]
+            if len(have) != len(want) or (have != want).any():
+                raise MimicError(
+                    f"{path} holds other {axis} counts per sample than this run; pick another cache path or delete it"
+                )
+        return cls(store)
+
+    def _lock(self) -> None:
+        fd = os.open(self.path, os.O_RDONLY)  # flock on the store directory itself: no extra file
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise MimicError(
+                f"{self.path} is being written by another process; wait for it or stop it"
+            ) from None
+        self._lock_fd = fd
+
+    def __len__(self) -> int:
+        return len(self._store)
+
+    def missing(self) -> list[int]:
+        """Samples not yet in the store, in order."""
+        return [i for i in range(len(self)) if i not in self.done]
+
+    def _check(
+        self, i: int, states: torch.Tensor, values: torch.Tensor | None, indices: torch.Tensor | None
+    ) -> None:
+        lay, where = self.layout, f"{self.path}: sample {i}"
+        t0, t1 = self._store.offsets["tokens"][i : i + 2]
+        a0, a1 = self._store.offsets["answers"][i : i + 2]
+        want = [("states", states, (lay.num_layers, int(t1 - t0), lay.hidden_size), TORCH_DTYPES[lay.dtype])]
+        if lay.topk:
+            rows = (int(a1 - a0), lay.topk)
+            want += [
+                ("topk_values", values, rows, TORCH_DTYPES[lay.topk_dtype]),
+                ("topk_indices", indices, rows, torch.int64),
+            ]
+        elif values is not None or indices is not None:
+            raise MimicError(f"{where}: the layout has topk=0, so pass no topk_values/topk_indices")
+        for name, x, shape, dtype in want:
+            if not isinstance(x, torch.Tensor):
+                raise MimicError(f"{where}: {name} is missing (layout topk={lay.topk} needs it)")
+            if tuple(x.shape) != shape or x.dtype != dtype:
+                raise MimicError(
+                    f"{where}: {name} is {tuple(x.shape)} {_name(x.dtype)}, the layout and counts need "
+                    f"{shape} {_name(dtype)}; check the recorded layers, positions and teacher dtype"
+                )
+
+    def write(
+        self,
+        i: int,
+        states: torch.Tensor,
+        topk_values: torch.Tensor | None = None,
+        topk_indices: torch.Tensor | None = None,
+    ) -> None:
+        """Store sample i: states [L, T_i, H], topk_values [A_i, K], topk_indices [A_i, K] int64."""
+        if self.complete:
+            raise MimicError(f"{self.path} is complete; nothing to write (delete it to recompute)")
+        if not 0 <= i < len(self):
+            raise MimicError(f"{self.path}: sample {i} is out of range (the store has {len(self)} samples)")
+        if i in self.done:
+            raise MimicError(f"{self.path}: sample {i} is already written; skip the samples in writer.done")
+        self._check(i, states, topk_values, topk_indices)
+        parts = encode_sample(self.layout, states, topk_values, topk_indices)
+        # inf/NaN in a row end up in its scale (absmax) or among its outliers (topk ranks NaN first)
+        if self.layout.codec == "int8" and not all(
+            np.isfinite(parts[name]).all() for name in ("states_scale", "outlier_value") if name in parts
+        ):
+            raise MimicError(
+                f"{self.path}: sample {i}: states hold inf/NaN, which codec int8 cannot store; use lossless"
+            )
+        for spec in self._store.specs:
+            start, stop = self._store.bounds(spec, i, i + 1)
+            if stop > start:
+                self._store.arrays[spec.name][spec.rows(start, stop)] = parts[spec.name]
+        self._store.marks[i] = checksum(self.layout, parts)  # only now does sample i count as written
+        self.done.add(i)
+
+    def finish(self) -> None:
+        """Mark the store complete (every sample must be in) and release it."""
+        if self.complete:
+            return
+        missing = int((self._store.marks[:] < 0).sum())
+        if missing:
+            raise MimicError(
+                f"{self.path}: cannot finish, {missing} of {len(self)} samples are missing; "
+                "write writer.missing() first"
+            )
+        self._store.group.attrs["complete"] = True
+        self.complete = True
+        self.close()
+
+    def close(self) -> None:
+        """Release the write lock (a complete or killed writer holds none)."""
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)
+            self._lock_fd = None
+
+    def __enter__(self) -> CacheWriter:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        self.close()
+
+
+class AsyncWriter:
+    """Runs ``writer.write`` in one background thread so the teacher's next forward overlaps compression and I/O.
+
+    Submitted tensors are moved to CPU (CPU tensors are not copied: do not modify them after submit). An error
+    in the thread is raised by the next ``submit`` or by ``close``. One thread keeps writes sequential, which
+    the store's crash safety relies on.
+    """
+
+    def __init__(self, writer: CacheWriter, max_pending: int = 4) -> None:
+        self.writer = writer
+        self._queue: queue.Queue = queue.Queue(maxsize=max(1, max_pending))
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name="cache-writer", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while (job := self._queue.get()) is not None:
+            if self._error is None:  # after a failure, queued jobs are dropped
+                try:
+                    self.writer.write(*job)
+                except BaseException as err:  # handed to the caller's thread
+                    self._error = err
+
+    def _raise_pending(self) -> None:
+        if self._error is not None:
+            raise self._error
+
+    def submit(
+        self,
+        i: int,
+        states: torch.Tensor,
+        topk_values: torch.Tensor | None = None,
+        topk_indices: torch.Tensor | None = None,
+    ) -> None:
+        """Queue sample i for writing; blocks while ``max_pending`` writes are queued."""
+        self._raise_pending()
+        cpu = [None if x is None else x.detach().to("cpu") for x in (states, topk_values, topk_indices)]
+        while True:
+            try:
+                self._queue.put((i, *cpu), timeout=0.1)
+                return
+            except queue.Full:
+                self._raise_pending()
+
+    def close(self) -> None:
+        """Wait for every queued write; raise the first error the thread met."""
+        if self._thread.is_alive():
+            self._queue.put(None)
+            self._thread.join()
+        self._raise_pending()
+
+    def __enter__(self) -> AsyncWriter:
+        return self
+
+    def __exit__(self, exc_type: object, *exc: object) -> None:
+        if exc_type is None:
+            self.close()
+        else:  # keep the caller's exception; the writes that made it in stay valid
+            self._queue.put(None)
+            self._thread.join()
+
+
+class CacheReader:
+    """Reads a complete store: ``read(i)`` -> (states [L, T_i, H] in the teacher dtype, topk_values, topk_indices)."""
+
+    def __init__(self, store: _Store, verify: bool) -> None:
+        self._store, self.verify = store, verify
+        self.path, self.layout, self.fingerprint = store.path, store.layout, store.fingerprint
+        self._crc = store.marks[:]
+        self.token_counts: list[int] = np.diff(store.offsets["tokens"]).tolist()
+        self.answer_counts: list[int] = np.diff(store.offsets["answers"]).tolist()
+
+    @classmethod
+    def open(cls, path: str | Path, expect: dict | None = None, verify: bool = True) -> CacheReader:
+        """Open a complete store; ``expect`` is the fingerprint this run needs; ``verify`` checks CRCs on read."""
+        path = Path(path)
+        if not path.exists():
+            raise MimicError(f"teacher cache {path} does not exist; run mimic extract first")
+        store = _Store(path, "r")
+        if not store.complete:
+            written = int((store.marks[:] >= 0).sum())
+            raise MimicError(
+                f"{path} is incomplete ({written} of {len(store)} samples); rerun mimic extract to finish it"
+            )
+        diff = (
+            first_difference(store.fingerprint, json.loads(json.dumps(expect)))
+            if expect is not None
+            else None
+        )
+        if diff:
+            key, have, want = diff
+            raise MimicError(
+                f"{path}: fingerprint '{key}' differs (cache {have!r}, expected {want!r}): the cache was written for "
+                f"another {'model' if 'model' in key else key}; rerun mimic extract with this configuration"
+            )
+        return cls(store, verify)
+
+    def __len__(self) -> int:
+        return len(self._store)
+
+    def read(self, i: int) -> Sample:
+        return self.read_many([i])[0]
+
+    def read_many(self, indices: list[int]) -> list[Sample]:
+        """Samples in the order asked; samples whose chunks touch are fetched in one range read."""
+        order = sorted(set(int(i) for i in indices))
+        if order and not (0 <= order[0] and order[-1] < len(self)):
+            raise MimicError(f"{self.path}: sample index out of range (the store has {len(self)} samples)")
+        tokens, chunk = self._store.offsets["tokens"], self.layout.token_chunk
+        groups: list[list[int]] = []
+        for i in order:
+            if groups and tokens[i] // chunk <= (tokens[groups[-1][-1] + 1] - 1) // chunk + 1:
+                groups[-1].append(i)
+            else:
+                groups.append([i])
+        out: dict[int, Sample] = {}
+        for group in groups:
+            out.update(self._read_group(group))
+        return [out[int(i)] for i in indices]
+
+    def _read_group(self, ids: list[int]) -> dict[int, Sample]:
+        store, i0, i1 = self._store, ids[0], ids[-1] + 1
+        named = f"sample {i0}" if len(ids) == 1 else f"samples {i0}..{ids[-1]}"
+        blocks = {}
+        for spec in store.specs:
+            start, stop = store.bounds(spec, i0, i1)
+            try:
+                blocks[spec.name] = (start, store.arrays[spec.name][spec.rows(start, stop)])
+            except Exception as err:
+                raise MimicError(
+                    f"{self.path}: {named}: array {spec.name} is corrupt ({type(err).__name__}); "
+                    "delete the store and rerun mimic extract"
+                ) from err
+        out = {}
+        for i in ids:
+            parts = {}
+            for spec in store.specs:
+                base, block = blocks[spec.name]
+                start, stop = store.bounds(spec, i, i + 1)
+                parts[spec.name] = spec.take(block, start - base, stop - base)
+            if self.verify and checksum(self.layout, parts) != self._crc[i]:
+                raise MimicError(
+                    f"{self.path}: sample {i} fails its checksum (corrupt data); "
+                    "delete the store and rerun mimic extract"
+                )
+            out[i] = decode_sample(self.layout, parts)
+        return out
+
+
+def store_stats(path: str | Path) -> dict:
+    """Size figures of a store: bytes on disk, raw bytes in the teacher dtypes, ratio, disk bytes per state value."""
+    path = Path(path)
+    store = _Store(path, "r")
+    lay = store.layout
+    size = lambda p: sum(f.stat().st_size for f in p.rglob("*") if f.is_file())
+    n_tokens, n_answers = int(store.offsets["tokens"][-1]), int(store.offsets["answers"][-1])
+    state_values = lay.num_layers * n_tokens * lay.hidden_size
+    raw = state_values * TORCH_DTYPES[lay.dtype].itemsize
+    raw += n_answers * lay.topk * (TORCH_DTYPES[lay.topk_dtype].itemsize + 8)
+    disk = size(path)
+    states_disk = sum(size(path / spec.name) for spec in store.specs if spec.axis == "tokens")
+    return {
+        "samples": len(store),
+        "state_values": state_values,
+        "bytes_on_disk": disk,
+        "raw_bytes": raw,
+        "compression_ratio": raw / disk,
+        "bytes_per_value": states_disk / max(1, state_values),
+    }

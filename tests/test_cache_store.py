@@ -1,0 +1,447 @@
+"""The teacher cache store: round trips per codec and dtype, resume, refusals, corruption and SIGKILL safety."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import zarr
+
+import pipeline.cache_store as cache_store
+from pipeline.cache_store import AsyncWriter, CacheReader, CacheWriter, Layout, store_stats
+from pipeline.errors import MimicError
+
+REPO = Path(__file__).resolve().parents[1]
+FINGERPRINT = {"model_config_hash": "abc123", "tokenizer_hash": "t1", "dataset": "vqav2", "k": 4, "seed": 0}
+DTYPES = {
+    "float32": torch.float32,
+    "float16": torch.float16,
+    "bfloat16": torch.bfloat16,
+    "float64": torch.float64,
+}
+
+
+def heavy_tailed(
+    layers: int, tokens: int, hidden: int, dtype: torch.dtype, g: torch.Generator
+) -> torch.Tensor:
+    """Activations like a transformer's: N(0, 1) with a few massive channels. -> [L, T, H]"""
+    x = torch.randn(layers, tokens, hidden, generator=g)
+    x[..., :3] *= torch.tensor([30.0, 100.0, 300.0])
+    return x.to(dtype)
+
+
+def make_samples(
+    layout: Layout, n: int, seed: int = 0
+) -> list[tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]]:
+    g = torch.Generator().manual_seed(seed)
+    samples = []
+    for _ in range(n):
+        tokens, answers = (
+            int(torch.randint(1, 50, (), generator=g)),
+            int(torch.randint(0, 4, (), generator=g)),
+        )
+        states = heavy_tailed(layout.num_layers, tokens, layout.hidden_size, DTYPES[layout.dtype], g)
+        values = (
+            torch.randn(answers, layout.topk, generator=g).to(DTYPES[layout.topk_dtype])
+            if layout.topk
+            else None
+        )
+        indices = torch.randint(0, 32000, (answers, layout.topk), generator=g) if layout.topk else None
+        samples.append((states, values, indices))
+    return samples
+
+
+def counts(samples) -> tuple[list[int], list[int]]:
+    return [s.shape[1] for s, _, _ in samples], [0 if v is None else v.shape[0] for _, v, _ in samples]
+
+
+def write_store(path: Path, layout: Layout, samples, order=None) -> None:
+    writer = CacheWriter.open(path, FINGERPRINT, layout, *counts(samples))
+    for i in order if order is not None else range(len(samples)):
+        writer.write(i, *samples[i])
+    writer.finish()
+
+
+def small_layout(**kw) -> Layout:
+    return Layout(
+        **{"num_layers": 3, "hidden_size": 64, "topk": 5, "chunk_tokens": 16, "shard_chunks": 4, **kw}
+    )
+
+
+def snapshot(path: Path) -> dict[str, tuple[int, bytes]]:
+    return {
+        str(p.relative_to(path)): (p.stat().st_mtime_ns, p.read_bytes())
+        for p in sorted(path.rglob("*"))
+        if p.is_file()
+    }
+
+
+@pytest.mark.parametrize("codec", ["lossless", "int8"])
+@pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16", "float64"])
+def test_round_trip_out_of_order(tmp_path, dtype, codec):
+    layout = small_layout(dtype=dtype, codec=codec, topk_dtype=dtype)
+    samples = make_samples(layout, 12)
+    order = torch.randperm(12, generator=torch.Generator().manual_seed(1)).tolist()
+    write_store(tmp_path / "c", layout, samples, order)
+    reader = CacheReader.open(tmp_path / "c", expect=FINGERPRINT)
+    assert len(reader) == 12 and reader.layout == layout and reader.fingerprint == FINGERPRINT
+    asked = [5, 0, 11, 5, 3, 4]
+    for i, (states, values, indices) in zip(asked, reader.read_many(asked), strict=True):
+        ref_states, ref_values, ref_indices = samples[i]
+        assert states.dtype == ref_states.dtype and states.shape == ref_states.shape
+        if codec == "lossless":
+            assert torch.equal(states.view(-1).view(torch.uint8), ref_states.view(-1).view(torch.uint8))
+        else:
+            err = (states.double() - ref_states.double()).norm() / ref_states.double().norm()
+            assert err <= 0.01, f"sample {i}: relative L2 error {err:.4f}"
+        assert (
+            torch.equal(values, ref_values)
+            and torch.equal(indices, ref_indices)
+            and indices.dtype == torch.int64
+        )
+    assert torch.equal(reader.read(7)[0], reader.read_many([7])[0][0])
+
+
+def test_int8_needs_its_outliers(tmp_path):
+    """Plain per-token absmax int8 breaks the 1% bound on massive channels; the exact outliers restore it."""
+    samples = make_samples(small_layout(hidden_size=512), 3)
+    errors = {}
+    for outliers in (0, 8):
+        layout = small_layout(hidden_size=512, codec="int8", int8_outliers=outliers)
+        write_store(tmp_path / str(outliers), layout, samples)
+        states = CacheReader.open(tmp_path / str(outliers)).read(0)[0]
+        errors[outliers] = ((states - samples[0][0]).norm() / samples[0][0].norm()).item()
+    assert errors[0] > 0.01 > errors[8]
+
+
+def test_no_topk_and_write_validation(tmp_path):
+    layout = small_layout(topk=0)
+    samples = make_samples(layout, 3)
+    writer = CacheWriter.open(tmp_path / "c", FINGERPRINT, layout, *counts(samples))
+    states = samples[0][0]
+    with pytest.raises(MimicError, match="topk=0"):
+        writer.write(0, states, torch.zeros(1, 5), torch.zeros(1, 5, dtype=torch.int64))
+    with pytest.raises(MimicError, match=r"sample 0: states is \(3, \d+, 63\)"):
+        writer.write(0, states[..., :63])
+    with pytest.raises(MimicError, match=r"\) float16, the layout and counts need \(3, \d+, 64\) float32"):
+        writer.write(0, states.half())
+    with pytest.raises(MimicError, match="out of range"):
+        writer.write(3, states)
+    writer.write(0, states)
+    with pytest.raises(MimicError, match="already written"):
+        writer.write(0, states)
+    writer.write(1, samples[1][0])
+    writer.write(2, samples[2][0])
+    writer.finish()
+    assert CacheReader.open(tmp_path / "c").read(2)[1:] == (None, None)
+
+
+def test_fingerprint_mismatch_names_the_key(tmp_path):
+    layout = small_layout()
+    samples = make_samples(layout, 2)
+    write_store(tmp_path / "c", layout, samples)
+    other = {**FINGERPRINT, "model_config_hash": "zzz"}
+    with pytest.raises(
+        MimicError,
+        match=r"fingerprint 'model_config_hash' is 'abc123' there but 'zzz' now; pick another cache path or delete",
+    ):
+        CacheWriter.open(tmp_path / "c", other, layout, *counts(samples))
+    with pytest.raises(MimicError, match=r"'model_config_hash' differs \(cache 'abc123', expected 'zzz'\)"):
+        CacheReader.open(tmp_path / "c", expect=other)
+    with pytest.raises(MimicError, match="layout codec='lossless', this run wants 'int8'"):
+        CacheWriter.open(tmp_path / "c", FINGERPRINT, small_layout(codec="int8"), *counts(samples))
+    with pytest.raises(MimicError, match="other tokens counts"):
+        CacheWriter.open(tmp_path / "c", FINGERPRINT, layout, [1, 1], counts(samples)[1])
+
+
+def test_incomplete_store_is_refused_and_resumed(tmp_path, monkeypatch):
+    layout = small_layout(codec="int8")
+    samples = make_samples(layout, 5)
+    path = tmp_path / "c"
+    with CacheWriter.open(path, FINGERPRINT, layout, *counts(samples)) as writer:
+        writer.write(3, *samples[3])
+        writer.write(1, *samples[1])
+        with pytest.raises(MimicError, match="cannot finish, 3 of 5 samples are missing"):
+            writer.finish()
+        with pytest.raises(MimicError, match="being written by another process"):
+            CacheWriter.open(path, FINGERPRINT, layout, *counts(samples))
+        # A crash after sample 0's data is in place but before its marker: it must count as missing.
+        monkeypatch.setattr(cache_store, "checksum", lambda *a: (_ for _ in ()).throw(KeyboardInterrupt))
+        with pytest.raises(KeyboardInterrupt):
+            writer.write(0, *samples[0])
+        monkeypatch.undo()
+    with pytest.raises(
+        MimicError, match=r"is incomplete \(2 of 5 samples\); rerun mimic extract to finish it"
+    ):
+        CacheReader.open(path)
+    writer = CacheWriter.open(path, FINGERPRINT, layout, *counts(samples))
+    assert writer.done == {1, 3} and writer.missing() == [0, 2, 4] and not writer.complete
+    for i in writer.missing():
+        writer.write(i, *samples[i])
+    writer.finish()
+    write_store(tmp_path / "ref", layout, samples)
+    assert_same_store(path, tmp_path / "ref")
+
+
+def test_rerun_of_complete_store_changes_nothing(tmp_path):
+    layout = small_layout()
+    samples = make_samples(layout, 4)
+    write_store(tmp_path / "c", layout, samples)
+    before = snapshot(tmp_path / "c")
+    writer = CacheWriter.open(tmp_path / "c", FINGERPRINT, layout, *counts(samples))
+    assert writer.complete and writer.missing() == []
+    with pytest.raises(MimicError, match="is complete; nothing to write"):
+        writer.write(0, *samples[0])
+    writer.finish()
+    assert snapshot(tmp_path / "c") == before
+
+
+def test_async_writer_round_trip_and_error(tmp_path):
+    layout = small_layout(dtype="bfloat16")
+    samples = make_samples(layout, 6)
+    writer = CacheWriter.open(tmp_path / "c", FINGERPRINT, layout, *counts(samples))
+    with AsyncWriter(writer, max_pending=2) as background:
+        for i in reversed(range(6)):
+            background.submit(i, *samples[i])
+    writer.finish()
+    write_store(tmp_path / "ref", layout, samples)
+    assert_same_store(tmp_path / "c", tmp_path / "ref")
+
+    writer = CacheWriter.open(tmp_path / "bad", FINGERPRINT, layout, *counts(samples))
+    background = AsyncWriter(writer, max_pending=1)
+    background.submit(0, samples[0][0][:, :0], *samples[0][1:])  # wrong token count: fails in the thread
+    with pytest.raises(MimicError, match="sample 0: states"):
+        for i in range(1, 6):
+            background.submit(i, *samples[i])
+            time.sleep(0.05)
+        background.close()
+    writer.close()
+
+
+def test_read_many_groups_neighbours(tmp_path, monkeypatch):
+    layout = small_layout(chunk_tokens=256)
+    samples = make_samples(layout, 6)
+    write_store(tmp_path / "c", layout, samples)
+    reader = CacheReader.open(tmp_path / "c")
+    calls = []
+    read_group = reader._read_group
+    monkeypatch.setattr(reader, "_read_group", lambda ids: calls.append(ids) or read_group(ids))
+    out = reader.read_many([4, 0, 2])
+    assert calls == [[0, 2, 4]] and torch.equal(out[0][0], samples[4][0])
+
+
+def test_corrupt_data_is_reported(tmp_path):
+    layout = small_layout()
+    samples = make_samples(layout, 4)
+    path = tmp_path / "c"
+    write_store(path, layout, samples)
+    shard = sorted((path / "states").rglob("c/*/0/0"))[0]
+    good = shard.read_bytes()
+    damaged = [
+        bytes(np.random.default_rng(0).integers(0, 256, len(good), dtype=np.uint8)),
+        good[:100] + bytes([good[100] ^ 1]) + good[101:],
+    ]
+    for bad in damaged:
+        shard.write_bytes(bad)
+        with pytest.raises(MimicError, match=f"{path}: sample 0: array states is corrupt"):
+            CacheReader.open(path).read(0)
+    shard.unlink()  # a missing file reads as zeros: only the checksum notices
+    with pytest.raises(MimicError, match=f"{path}: sample 0 fails its checksum"):
+        CacheReader.open(path).read(0)
+
+
+def test_not_a_store_and_missing_path(tmp_path):
+    (tmp_path / "junk").mkdir()
+    (tmp_path / "junk" / "notes.txt").write_text("not a cache")
+    layout = small_layout()
+    with pytest.raises(MimicError, match="is not a MimIC teacher cache"):
+        CacheWriter.open(tmp_path / "junk", FINGERPRINT, layout, [3], [1])
+    (tmp_path / "empty").mkdir()  # an empty directory is taken as no store
+    CacheWriter.open(tmp_path / "empty", FINGERPRINT, layout, [3], [1]).close()
+    assert (tmp_path / "empty" / "zarr.json").is_file()
+    with pytest.raises(MimicError, match="does not exist; run mimic extract first"):
+        CacheReader.open(tmp_path / "nothing")
+
+
+def test_store_stats(tmp_path):
+    layout = small_layout(dtype="bfloat16", topk=0)
+    samples = make_samples(layout, 4)
+    write_store(tmp_path / "c", layout, samples)
+    stats = store_stats(tmp_path / "c")
+    values = sum(s.numel() for s, _, _ in samples)
+    assert stats["state_values"] == values and stats["raw_bytes"] == 2 * values
+    assert stats["bytes_on_disk"] == sum(p.stat().st_size for p in (tmp_path / "c").rglob("*") if p.is_file())
+    assert (
+        0 < stats["bytes_per_value"] < 2.2
+        and stats["compression_ratio"] == stats["raw_bytes"] / stats["bytes_on_disk"]
+    )
+
+
+def assert_same_store(a: Path, b: Path) -> None:
+    """Every attribute and array of store a equals store b's, and every decoded sample too."""
+    ga, gb = zarr.open_group(a, mode="r"), zarr.open_group(b, mode="r")
+    assert ga.attrs.asdict() == gb.attrs.asdict()
+    names = sorted(name for name, _ in ga.arrays())
+    assert names == sorted(name for name, _ in gb.arrays())
+    for name in names:
+        np.testing.assert_array_equal(ga[name][...], gb[name][...], err_msg=name)
+    ra, rb = CacheReader.open(a), CacheReader.open(b)
+    assert ra.fingerprint == rb.fingerprint and len(ra) == len(rb)
+    for i, (x, y) in enumerate(zip(ra.read_many(range(len(ra))), rb.read_many(range(len(rb))), strict=True)):
+        assert all(torch.equal(u, v) for u, v in zip(x, y, strict=True)), f"sample {i}"
+    assert not list(Path(a).rglob("*.partial"))
+
+
+JOB = textwrap.dedent(
+    """
+    import os, shutil, signal, sys, time
+    from pathlib import Path
+    import torch
+    from pipeline.cache_store import CacheWriter, Layout
+
+    N = 14
+    LAYOUT = Layout(num_layers=4, hidden_size=128, dtype="bfloat16", topk=4, chunk_tokens=16, shard_chunks=4)
+    FINGERPRINT = {"model_config_hash": "abc", "seed": 0}
+    ORDER = [3, 0, 1, 2, 7, 4, 5, 6, 13, 8, 9, 12, 10, 11]  # partly out of order
+
+    def counts():
+        g = torch.Generator().manual_seed(123)
+        return torch.randint(5, 60, (N,), generator=g).tolist(), torch.randint(1, 4, (N,), generator=g).tolist()
+
+    def sample(i):
+        tokens, answers = counts()
+        g = torch.Generator().manual_seed(i)
+        states = torch.randn(4, tokens[i], 128, generator=g).to(torch.bfloat16)
+        return states, torch.randn(answers[i], 4, generator=g), torch.randint(0, 50000, (answers[i], 4), generator=g)
+
+    def run(path, pause=0.0):
+        print("creating", flush=True)
+        writer = CacheWriter.open(path, FINGERPRINT, LAYOUT, *counts())
+        for i in [i for i in ORDER if i not in writer.done]:
+            states, values, indices = sample(i)
+            print("begin", i, flush=True)
+            writer.write(i, states, values, indices)
+            print("end", i, flush=True)
+            time.sleep(pause)
+        writer.finish()
+        print("done", flush=True)
+
+    def kill(path, trigger, count, delay):
+        # Fork a process running the job (forking saves re-importing torch) and SIGKILL it `delay` s
+        # after its `count`-th output line starting with `trigger`; trigger "" kills it at once.
+        sys.stdout.flush()
+        read, write = os.pipe()
+        pid = os.fork()
+        if pid == 0:
+            os.close(read)
+            os.dup2(write, 1)
+            run(path, pause=0.01)
+            os._exit(0)
+        os.close(write)
+        with os.fdopen(read) as lines:
+            seen = 0
+            while trigger and seen < count:
+                line = lines.readline()
+                if not line:
+                    sys.exit(f"the job ended before its {count}-th {trigger!r} line")
+                seen += line.startswith(trigger)
+            time.sleep(delay)
+            os.kill(pid, signal.SIGKILL)
+            _, status = os.waitpid(pid, 0)
+        if not (os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGKILL):
+            sys.exit(f"the job was not killed: status {status}")
+
+    def put_in_two_halves(path, value, exclusive=False):
+        # zarr's atomic file write, paused half-way so that a kill at "put" lands mid-file.
+        path.parent.mkdir(parents=True, exist_ok=True)
+        view = memoryview(value.as_buffer_like()).cast("B")
+        with local._atomic_write(path, "wb", exclusive=exclusive) as f:
+            f.write(view[: len(view) // 2])
+            f.flush()
+            print("put", path, flush=True)
+            time.sleep(0.003)
+            f.write(view[len(view) // 2 :])
+        return len(view)
+
+    if __name__ == "__main__":
+        # Driver: kill one job after another on the same store, keeping a copy of the store after each kill.
+        import zarr.storage._local as local
+        local._put = put_in_two_halves
+        path, copies = Path(sys.argv[1]), Path(sys.argv[2])
+        for k, spec in enumerate(sys.argv[3:]):
+            trigger, count, delay = spec.split(":")
+            kill(path, trigger, int(count), float(delay))
+            print("half-created" if list(path.parent.glob(f".{path.name}.creating-*")) else "", flush=True)
+            if path.exists():
+                shutil.copytree(path, copies / str(k))
+    """
+)
+# trigger:count:delay. "put" lines come half-way through a file write: the first kills land mid-creation
+# (~10 files), the later ones mid-shard and mid-marker writes; "begin"/"end" bracket a sample's write.
+KILLS = [":0:0", "put:2:0", "put:6:0", "put:9:0", "begin:1:0", "put:1:0", "put:2:0", "put:3:0", "end:1:0"]
+KILLS += [f"begin:{1 + k % 2}:{delay}" for k, delay in enumerate((0.002, 0.006, 0.01))] + [
+    "put:5:0",
+    "put:4:0.001",
+]
+
+
+def test_sigkill_at_any_moment_then_rerun_equals_uninterrupted_run(tmp_path):
+    script = tmp_path / "job.py"
+    script.write_text(JOB)
+    spec = importlib.util.spec_from_file_location("cache_job", script)
+    job = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(job)
+    job.run(tmp_path / "reference")
+    reference = CacheReader.open(tmp_path / "reference")
+
+    path, copies = tmp_path / "killed", tmp_path / "copies"
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    driver = subprocess.run(
+        [sys.executable, str(script), str(path), str(copies), *KILLS],
+        env=env,
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert driver.returncode == 0, driver.stderr[-2000:]
+    assert "half-created" in driver.stdout, "no kill landed while the store was being created"
+    assert list(copies.rglob("*.partial")), "no kill landed in the middle of a file write"
+    marked_after_kill = []
+    for copy in sorted(
+        copies.iterdir(), key=lambda p: int(p.name)
+    ):  # every sample marked so far is exactly right
+        store = cache_store._Store(copy, "r")
+        marked = np.flatnonzero(store.marks[:] >= 0).tolist()
+        marked_after_kill.append(len(marked))
+        assert not store.complete
+        for i, got in zip(marked, CacheReader(store, verify=True).read_many(marked), strict=True):
+            assert all(torch.equal(u, v) for u, v in zip(got, reference.read(i), strict=True)), (
+                f"{copy}: sample {i}"
+            )
+    assert marked_after_kill[-1] > 0 and marked_after_kill == sorted(marked_after_kill)
+
+    job.run(path)
+    assert_same_store(path, tmp_path / "reference")
+    assert not list(tmp_path.glob(".killed.creating-*"))
+
+
+@pytest.mark.parametrize("outliers", [0, 8])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_int8_refuses_non_finite_states(tmp_path, outliers, bad):
+    layout = small_layout(codec="int8", int8_outliers=outliers, topk=0)
+    samples = make_samples(layout, 1)
+    states = samples[0][0].clone()
+    states[1, 0, 5:17] = bad  # more bad values than outliers: some land in the int8 block
+    writer = CacheWriter.open(tmp_path / "c", FINGERPRINT, layout, *counts(samples))
+    with pytest.raises(MimicError, match="sample 0: states hold inf/NaN"):
+        writer.write(0, states)
+    assert writer.missing() == [0]
