@@ -7,7 +7,7 @@ import json
 
 from pipeline import __version__
 from pipeline.config import Params
-from pipeline.models import Loaded, config_fingerprint, tokenizer_fingerprint
+from pipeline.models import Loaded, config_fingerprint, tokenizer_fingerprint, weights_fingerprint
 from pipeline.splits import Splits
 
 
@@ -20,6 +20,7 @@ def teacher_fingerprint(params: Params, loaded: Loaded, splits: Splits, layers: 
     ex = params.extract
     return {
         "model_config": config_fingerprint(loaded.model.config),
+        "model_weights": weights_fingerprint(loaded.model),
         "tokenizer": tokenizer_fingerprint(loaded.processor),
         "model_dtype": params.model.dtype,
         "dataset": params.data.train,

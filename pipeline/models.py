@@ -86,3 +86,14 @@ def tokenizer_fingerprint(processor) -> str:
     backend = getattr(tokenizer, "backend_tokenizer", None)
     text = backend.to_str() if backend is not None else json.dumps(tokenizer.get_vocab(), sort_keys=True)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def weights_fingerprint(model: torch.nn.Module, values_per_tensor: int = 256) -> str:
+    """A cheap hash of the weights: every parameter's name, shape and first values (two checkpoints of one
+    architecture differ here, and reading 8B weights in full is not needed to tell them apart)."""
+    digest = hashlib.sha256()
+    for name, param in model.named_parameters():
+        head = param.detach().flatten()[:values_per_tensor].to("cpu", torch.float32)
+        digest.update(f"{name}{tuple(param.shape)}".encode())
+        digest.update(head.numpy().tobytes())
+    return digest.hexdigest()[:16]

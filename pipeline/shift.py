@@ -144,15 +144,24 @@ def mimic_attention(module, query, key, value, attention_mask, dropout=0.0, scal
     if module.training and dropout > 0:
         raise MimicError("MimIC heads need attention dropout off (call model.eval(); only shifts train)")
     groups = getattr(module, "num_key_value_groups", 1)
-    key, value = repeat_kv(key, groups), repeat_kv(value, groups)  # (B, H, S, D)
-    t, s = query.shape[2], key.shape[2]
-    # The same causal rule as transformers' SDPA path: no mask means causal for a prefill and "attend to every
-    # key" for a one-token decoding step; an empty static cache is cropped to the prompt.
-    causal = t > 1 and attention_mask is None and (is_causal if is_causal is not None else getattr(module, "is_causal", True))
-    if causal and s > t:
-        key, value = key[:, :, :t], value[:, :, :t]
-    scale = scaling if scaling is not None else query.shape[-1] ** -0.5
-    out, lse = attention_with_lse(query, key, value, _float_mask(attention_mask, query.dtype), causal, scale)
+    b, h, t, d = query.shape
+    scale = scaling if scaling is not None else d**-0.5
+    mask = _float_mask(attention_mask, query.dtype)
+    if t == 1 and groups > 1:
+        # A decoding step: the `groups` query heads sharing a KV head become rows of one head (rows are
+        # independent without a causal rule), so the KV cache is read in place instead of copied per head.
+        packed = query.reshape(b, h // groups, groups, d)  # (B, Hkv, g, D)
+        out, lse = attention_with_lse(packed, key, value, mask, False, scale)
+        out, lse = out.reshape(b, h, 1, d), lse.reshape(b, h, 1)
+    else:
+        key, value = repeat_kv(key, groups), repeat_kv(value, groups)  # (B, H, S, D)
+        s = key.shape[2]
+        # The same causal rule as transformers' SDPA path: no mask means causal for a prefill and "attend to
+        # every key" for a one-token step; an empty static cache is cropped to the prompt.
+        causal = t > 1 and mask is None and (is_causal if is_causal is not None else getattr(module, "is_causal", True))
+        if causal and s > t:
+            key, value = key[:, :, :t], value[:, :, :t]
+        out, lse = attention_with_lse(query, key, value, mask, causal, scale)
     out = shift.shift_attention(row, query, out, lse)
     return out.transpose(1, 2).contiguous(), None  # (B, T, H, D)
 

@@ -27,6 +27,12 @@ SET = typer.Option([], "--set", "-s", help="Override a parameter by name, e.g. -
 @app.callback()
 def _root(verbose: bool = typer.Option(False, "--verbose", "-v", help="Log debug messages.")) -> None:
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    if not verbose:  # transformers' own weight-loading bars and warnings would bury our one-line errors
+        import os
+
+        os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
 @app.command("extract")

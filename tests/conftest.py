@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 import transformers as tf
@@ -133,3 +135,35 @@ def extra_inputs(name: str, input_ids: torch.Tensor, seed: int = 0) -> dict:
         "pixel_values": torch.randn(b, 1, 3, 16, 16, generator=g),
         "image_attention_mask": torch.ones(b, t, 1, dtype=torch.long),
     }
+
+
+ROOT = Path(__file__).resolve().parents[1]
+# Small runs of the stages on the embedded default: seconds each on 2 cores.
+SMALL = [
+    "data.train={kind: embedded, task: color, split: support, n: 64, seed: 0}",
+    "data.eval={kind: embedded, task: color, split: query, n: 24, seed: 0}",
+    "data.n_support=40",
+    "data.n_train=24",
+    "data.n_eval=24",
+    "extract.batch_size=8",
+    "train.epochs=2",
+    "train.batch_size=8",
+    "evaluate.batch_size=24",
+]
+
+
+def cli(*args, cwd=None, check=False, timeout=300):
+    """Run `mimic ...` as a real subprocess; returns the CompletedProcess."""
+    import subprocess
+    import sys
+
+    command = [sys.executable, "-m", "stages.cli", *map(str, args)]
+    result = subprocess.run(command, cwd=cwd or ROOT, capture_output=True, text=True, timeout=timeout)
+    if check and result.returncode != 0:
+        raise AssertionError(f"{command} failed ({result.returncode}): {result.stderr[-2000:]}")
+    return result
+
+
+def overrides(*extra: str) -> list[str]:
+    """SMALL plus `extra` as CLI `-s` arguments."""
+    return [a for o in (*SMALL, *extra) for a in ("-s", o)]

@@ -1,0 +1,70 @@
+"""Training from the teacher cache vs the online reference (the teacher re-run at every step), on the embedded model.
+
+    .venv/bin/python benchmarks/train.py            # k = 8 and 32, 64 training queries, a 5-run lr sweep
+
+For each k: one extraction, then a 5-run learning-rate sweep (1 epoch each) both ways, all in this process.
+Reports seconds per epoch from the cache and online, their ratio, and the sweep's total cost both ways
+(cache: one extraction + 5 trainings; online: 5 trainings that each run the teacher).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from stages.extract import extract
+from stages.train import train
+
+ROOT = Path(__file__).resolve().parents[1]
+LRS = (0.003, 0.01, 0.03, 0.1, 0.3)
+
+
+def timed(fn, *args) -> float:
+    start = time.perf_counter()
+    fn(*args)
+    return time.perf_counter() - start
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--ks", type=int, nargs="+", default=[8, 32])
+    parser.add_argument("--n-train", type=int, default=64)
+    parser.add_argument("--runs", type=int, default=len(LRS))
+    args = parser.parse_args()
+    logging.disable(logging.INFO)
+    torch.set_num_threads(2)
+    rows = []
+    for k in args.ks:
+        base = [
+            f"extract.k={k}", f"evaluate.k={k}", f"data.n_train={args.n_train}", "data.n_support=200",
+            f"data.train={{kind: embedded, task: color, split: support, n: {200 + args.n_train}, seed: 0}}",
+            "train.epochs=1", "extract.batch_size=8",
+        ]
+        with tempfile.TemporaryDirectory() as tmp:
+            tmp = Path(tmp)
+            extract_s = timed(extract, ROOT / "params.yaml", tmp / "cache.zarr", base)
+            cache_runs, online_runs = [], []
+            for lr in LRS[: args.runs]:
+                run = base + [f"train.lr={lr}"]
+                cache_runs.append(timed(train, ROOT / "params.yaml", tmp / "cache.zarr", tmp / f"c{lr}", run))
+                online_runs.append(timed(train, ROOT / "params.yaml", None, tmp / f"o{lr}", run))
+        rows.append((k, extract_s, cache_runs, online_runs))
+    print(f"embedded model, {args.n_train} training queries, 1 epoch per run, {args.runs} runs, torch {torch.__version__}")
+    print(f"{'k':>3} {'extract s':>9} {'cache s/epoch':>13} {'online s/epoch':>14} {'speedup':>7}"
+          f" {'sweep cache s':>13} {'sweep online s':>14} {'sweep speedup':>13}")
+    for k, extract_s, cache_runs, online_runs in rows:
+        cache_epoch = sum(cache_runs) / len(cache_runs)
+        online_epoch = sum(online_runs) / len(online_runs)
+        sweep_cache = extract_s + sum(cache_runs)
+        sweep_online = sum(online_runs)
+        print(f"{k:>3} {extract_s:>9.1f} {cache_epoch:>13.2f} {online_epoch:>14.2f} {online_epoch / cache_epoch:>7.2f}"
+              f" {sweep_cache:>13.1f} {sweep_online:>14.1f} {sweep_online / sweep_cache:>13.2f}")
+
+
+if __name__ == "__main__":
+    main()

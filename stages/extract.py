@@ -1,0 +1,82 @@
+"""`mimic extract`: run the k-shot teacher once and cache its per-layer query+answer states in a Zarr store.
+
+Recipe: params -> model -> splits -> ICD sets -> prompts -> (resume) -> batched teacher forwards with hooks ->
+background writes -> mark complete -> report size and compression.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import time
+from pathlib import Path
+
+import torch
+import zarr
+from tqdm import tqdm
+
+from pipeline.cache_store import AsyncWriter, CacheWriter, Layout, store_stats
+from pipeline.config import load_params
+from pipeline.fingerprint import teacher_fingerprint
+from pipeline.models import load_model
+from pipeline.prompts import PromptBuilder, PromptTemplate
+from pipeline.samples import teacher_batch, training_samples
+from pipeline.splits import make_splits
+from pipeline.teacher import forward_query_states
+
+log = logging.getLogger(__name__)
+
+
+def extract(params_path: Path, out: Path, overrides: list[str], replace: bool = False) -> dict:
+    """Write (or finish) the teacher cache at `out`; returns the store statistics. With `replace`, a store
+    written for other parameters is deleted first (DVC owns `out` and reruns this stage when they change)."""
+    params = load_params(params_path, overrides)
+    ex = params.extract
+    loaded = load_model(params.model.name, params.model.dtype, params.model.device)
+    splits = make_splits(params.data)
+    samples = training_samples(splits.train, splits.support, ex.k, ex.m, ex.seed)
+    geo = loaded.adapter.geometry
+    layers = list(range(geo.num_layers)) if ex.layers is None else sorted(ex.layers)
+    builder = PromptBuilder(
+        loaded.processor, loaded.adapter.family, PromptTemplate(params.prompt),
+        loaded.adapter.text_config.max_position_embeddings,
+    )
+    rounds = [builder.round(q) for q in splits.train]
+    token_counts = [len(r.input_ids) for r in rounds] * ex.m
+    answer_counts = [int(r.answer_mask.sum()) for r in rounds] * ex.m
+    layout = Layout(num_layers=len(layers), hidden_size=geo.hidden_size, dtype=params.model.dtype, codec=ex.codec, topk=ex.topk)
+    fingerprint = teacher_fingerprint(params, loaded, splits, layers)
+    if replace and written_for_other_run(out, fingerprint, layout):
+        log.info("replacing %s: it was written with other parameters", out)
+        shutil.rmtree(out)
+    writer = CacheWriter.open(out, fingerprint, layout, token_counts, answer_counts)
+    todo = writer.missing()
+    if not todo:
+        log.info("%s is complete for these parameters: nothing to do", out)
+        return store_stats(out)
+    log.info("extracting %d of %d samples (k=%d, M=%d) into %s", len(todo), len(samples), ex.k, ex.m, out)
+    start = time.perf_counter()
+    with AsyncWriter(writer) as background, torch.no_grad(), tqdm(total=len(todo), desc="extract", unit="sample") as bar:
+        for first in range(0, len(todo), ex.batch_size):
+            chunk = todo[first : first + ex.batch_size]
+            batch, lengths = teacher_batch(builder, samples, chunk)
+            got, _ = forward_query_states(loaded.model, loaded.adapter, batch, lengths, ex.site, layers, ex.topk)
+            for row, j in enumerate(chunk):
+                values = got.topk_values[row].cpu() if got.topk_values else None
+                indices = got.topk_indices[row].cpu() if got.topk_indices else None
+                background.submit(j, got.states[row].cpu(), values, indices)
+            bar.update(len(chunk))
+    writer.finish()
+    stats = store_stats(out)
+    stats["seconds"] = round(time.perf_counter() - start, 2)
+    return stats
+
+
+def written_for_other_run(out: Path, fingerprint: dict, layout: Layout) -> bool:
+    """True when `out` holds a store whose fingerprint or layout differs from this run's."""
+    if not (out / "zarr.json").is_file():
+        return False
+    attrs = zarr.open_group(out, mode="r").attrs
+    same = attrs.get("fingerprint") == json.loads(json.dumps(fingerprint)) and attrs.get("layout") == layout.to_dict()
+    return not same

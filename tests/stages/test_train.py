@@ -1,0 +1,78 @@
+"""`mimic train`: only the shifts learn, the cache and the online teacher give the same shift, runs resume."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from conftest import ROOT, SMALL, cli, overrides
+
+from pipeline.config import load_params
+from pipeline.models import load_model
+from pipeline.shift_io import load_shift
+from stages.extract import extract
+from stages.train import train
+
+PARAMS = ROOT / "params.yaml"
+TRAIN = [*SMALL, "train.epochs=4"]
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    out = tmp_path_factory.mktemp("train") / "teacher.zarr"
+    extract(PARAMS, out, SMALL)
+    return out
+
+
+def test_alignment_loss_halves_and_base_weights_stay(store, tmp_path):
+    params = load_params(PARAMS, TRAIN)
+    loaded = load_model(params.model.name)
+    before = {k: v.clone() for k, v in loaded.model.state_dict().items()}
+    summary = train(PARAMS, store, tmp_path / "run", TRAIN, loaded=loaded)
+    assert summary["last_align"] <= 0.5 * summary["first_align"]
+    after = loaded.model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    rows = (tmp_path / "run" / "train_log.tsv").read_text().splitlines()
+    assert rows[0].split("\t") == ["step", "epoch", "loss", "ce", "align", "lr"] and len(rows) == 1 + summary["steps"]
+
+
+def test_cache_and_online_reference_give_the_same_shift(store, tmp_path):
+    train(PARAMS, store, tmp_path / "cache", SMALL)
+    train(PARAMS, None, tmp_path / "online", SMALL)
+    a, b = load_shift(tmp_path / "cache" / "shift"), load_shift(tmp_path / "online" / "shift")
+    for name, p in a.named_parameters():
+        q = getattr(b, name)
+        assert torch.allclose(p, q, rtol=1e-4, atol=1e-6), name
+    assert not torch.equal(a.v, load_shift(tmp_path / "cache" / "shift").v * 0)  # trained, not zero
+
+
+def test_killed_run_resumes_to_the_same_shift(store, tmp_path):
+    args = ["train", "--cache", str(store), *overrides("train.epochs=3")]
+    full = tmp_path / "full"
+    cli(*args, "--run-dir", full, check=True)
+    resumed = tmp_path / "resumed"
+    command = [sys.executable, "-m", "stages.cli", *args, "--run-dir", str(resumed)]
+    proc = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while not (resumed / "checkpoint.pt").exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not (resumed / "shift").exists()
+    assert torch.load(resumed / "checkpoint.pt", weights_only=True)["epoch"] < 3
+    cli(*args, "--run-dir", resumed, check=True)
+    a, b = load_shift(full / "shift"), load_shift(resumed / "shift")
+    assert all(torch.allclose(p, getattr(b, n), atol=1e-7) for n, p in a.named_parameters())
+    assert (full / "train_log.tsv").read_text() == (resumed / "train_log.tsv").read_text()
+
+
+def test_checkpoint_of_other_parameters_is_refused(store, tmp_path):
+    run = tmp_path / "run"
+    cli("train", "--cache", store, "--run-dir", run, *overrides("train.epochs=1"), check=True)
+    result = cli("train", "--cache", store, "--run-dir", run, *overrides("train.epochs=1", "train.lr=0.5"))
+    assert result.returncode == 2 and "other parameters" in result.stderr.strip().splitlines()[-1]
