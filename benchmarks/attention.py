@@ -21,8 +21,13 @@ import transformers as tf
 
 METHODS = ("plain", "fused", "materialized")
 DECODER = dict(
-    vocab_size=1000, hidden_size=512, intermediate_size=1376, num_hidden_layers=4, num_attention_heads=8,
-    num_key_value_heads=2, max_position_embeddings=4096,
+    vocab_size=1000,
+    hidden_size=512,
+    intermediate_size=1376,
+    num_hidden_layers=4,
+    num_attention_heads=8,
+    num_key_value_heads=2,
+    max_position_embeddings=4096,
 )
 
 
@@ -30,8 +35,15 @@ def build_model() -> torch.nn.Module:
     torch.manual_seed(0)
     config = tf.LlavaConfig(
         text_config=dict(model_type="qwen2", **DECODER),
-        vision_config=dict(model_type="clip_vision_model", hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                           num_attention_heads=2, image_size=16, patch_size=8),
+        vision_config=dict(
+            model_type="clip_vision_model",
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            image_size=16,
+            patch_size=8,
+        ),
     )
     model = tf.LlavaForConditionalGeneration(config).eval().requires_grad_(False)
     model.set_attn_implementation("sdpa")
@@ -102,19 +114,34 @@ def main() -> None:
             result = {}
             for method in METHODS:
                 out = subprocess.run(
-                    [sys.executable, __file__, "--one", method, str(length), mode, "--repeats", str(args.repeats)],
-                    check=True, capture_output=True, text=True,
+                    [
+                        sys.executable,
+                        __file__,
+                        "--one",
+                        method,
+                        str(length),
+                        mode,
+                        "--repeats",
+                        str(args.repeats),
+                    ],
+                    check=True,
+                    capture_output=True,
+                    text=True,
                 )
                 result[method] = json.loads(out.stdout.strip().splitlines()[-1])
             rows.append((length, mode, result))
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, decoder {DECODER}")
-    print(f"{'T':>5} {'mode':<8} {'plain s':>8} {'fused s':>8} {'ratio':>6} {'materialized s':>15} {'ratio':>6}"
-          f" {'peak MiB plain/fused/materialized':>34}")
+    print(
+        f"{'T':>5} {'mode':<8} {'plain s':>8} {'fused s':>8} {'ratio':>6} {'materialized s':>15} {'ratio':>6}"
+        f" {'peak MiB plain/fused/materialized':>34}"
+    )
     for length, mode, r in rows:
         p, f, m = r["plain"], r["fused"], r["materialized"]
-        print(f"{length:>5} {mode:<8} {p['seconds']:>8.3f} {f['seconds']:>8.3f} {f['seconds'] / p['seconds']:>6.2f}"
-              f" {m['seconds']:>15.3f} {m['seconds'] / p['seconds']:>6.2f}"
-              f" {p['peak_mib']:>12.0f}/{f['peak_mib']:.0f}/{m['peak_mib']:.0f}")
+        print(
+            f"{length:>5} {mode:<8} {p['seconds']:>8.3f} {f['seconds']:>8.3f} {f['seconds'] / p['seconds']:>6.2f}"
+            f" {m['seconds']:>15.3f} {m['seconds'] / p['seconds']:>6.2f}"
+            f" {p['peak_mib']:>12.0f}/{f['peak_mib']:.0f}/{m['peak_mib']:.0f}"
+        )
 
 
 if __name__ == "__main__":

@@ -41,9 +41,13 @@ def main() -> None:
     rows = []
     for k in args.ks:
         base = [
-            f"extract.k={k}", f"evaluate.k={k}", f"data.n_train={args.n_train}", "data.n_support=200",
+            f"extract.k={k}",
+            f"evaluate.k={k}",
+            f"data.n_train={args.n_train}",
+            "data.n_support=200",
             f"data.train={{kind: embedded, task: color, split: support, n: {200 + args.n_train}, seed: 0}}",
-            "train.epochs=1", "extract.batch_size=8",
+            "train.epochs=1",
+            "extract.batch_size=8",
         ]
         with tempfile.TemporaryDirectory() as tmp:
             tmp = Path(tmp)
@@ -54,16 +58,22 @@ def main() -> None:
                 cache_runs.append(timed(train, ROOT / "params.yaml", tmp / "cache.zarr", tmp / f"c{lr}", run))
                 online_runs.append(timed(train, ROOT / "params.yaml", None, tmp / f"o{lr}", run))
         rows.append((k, extract_s, cache_runs, online_runs))
-    print(f"embedded model, {args.n_train} training queries, 1 epoch per run, {args.runs} runs, torch {torch.__version__}")
-    print(f"{'k':>3} {'extract s':>9} {'cache s/epoch':>13} {'online s/epoch':>14} {'speedup':>7}"
-          f" {'sweep cache s':>13} {'sweep online s':>14} {'sweep speedup':>13}")
+    print(
+        f"embedded model, {args.n_train} training queries, 1 epoch per run, {args.runs} runs, torch {torch.__version__}"
+    )
+    print(
+        f"{'k':>3} {'extract s':>9} {'cache s/epoch':>13} {'online s/epoch':>14} {'speedup':>7}"
+        f" {'sweep cache s':>13} {'sweep online s':>14} {'sweep speedup':>13}"
+    )
     for k, extract_s, cache_runs, online_runs in rows:
         cache_epoch = sum(cache_runs) / len(cache_runs)
         online_epoch = sum(online_runs) / len(online_runs)
         sweep_cache = extract_s + sum(cache_runs)
         sweep_online = sum(online_runs)
-        print(f"{k:>3} {extract_s:>9.1f} {cache_epoch:>13.2f} {online_epoch:>14.2f} {online_epoch / cache_epoch:>7.2f}"
-              f" {sweep_cache:>13.1f} {sweep_online:>14.1f} {sweep_online / sweep_cache:>13.2f}")
+        print(
+            f"{k:>3} {extract_s:>9.1f} {cache_epoch:>13.2f} {online_epoch:>14.2f} {online_epoch / cache_epoch:>7.2f}"
+            f" {sweep_cache:>13.1f} {sweep_online:>14.1f} {sweep_online / sweep_cache:>13.2f}"
+        )
 
 
 if __name__ == "__main__":

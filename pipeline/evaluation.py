@@ -24,7 +24,12 @@ class Generated:
 
 
 def generate_answers(
-    model, builder: PromptBuilder, prompts: Sequence[Segment], batch_size: int, num_beams: int, max_new_tokens: int,
+    model,
+    builder: PromptBuilder,
+    prompts: Sequence[Segment],
+    batch_size: int,
+    num_beams: int,
+    max_new_tokens: int,
     desc: str = "generate",
 ) -> Generated:
     """Greedy (or beam) decoding of each prompt; the answer is the text before the first newline."""
@@ -39,8 +44,13 @@ def generate_answers(
         start = time.perf_counter()
         with torch.no_grad():
             out = model.generate(
-                **model_inputs(batch, device), max_new_tokens=max_new_tokens, num_beams=num_beams, do_sample=False,
-                eos_token_id=stops or None, pad_token_id=tokenizer.pad_token_id, length_penalty=0.0,
+                **model_inputs(batch, device),
+                max_new_tokens=max_new_tokens,
+                num_beams=num_beams,
+                do_sample=False,
+                eos_token_id=stops or None,
+                pad_token_id=tokenizer.pad_token_id,
+                length_penalty=0.0,
             )
         seconds += time.perf_counter() - start
         new = out[:, batch["input_ids"].shape[1] :]
@@ -65,7 +75,9 @@ def score(kind: str, items: Sequence[Item], answers: Sequence[str]) -> tuple[flo
         per = [vqa_accuracy(a, list(item.answers)) for a, item in zip(answers, items)]
     elif kind == "coco_karpathy":
         ids = {item.id: i for i, item in enumerate(items)}
-        scores = score_captions({ids[i.id]: a for a, i in zip(answers, items)}, {ids[i.id]: list(i.answers) for i in items})
+        scores = score_captions(
+            {ids[i.id]: a for a, i in zip(answers, items)}, {ids[i.id]: list(i.answers) for i in items}
+        )
         return 100.0 * scores["CIDEr"], [float("nan")] * len(items)
     else:
         raise MimicError(f"no metric for data kind {kind!r}")

@@ -14,7 +14,12 @@ from pipeline.errors import MimicError
 from pipeline.families import Adapter, family_for
 
 EMBEDDED = "embedded"  # the name of the model that ships inside this package
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64}
+DTYPES = {
+    "float32": torch.float32,
+    "float16": torch.float16,
+    "bfloat16": torch.bfloat16,
+    "float64": torch.float64,
+}
 
 
 @dataclass

@@ -67,7 +67,8 @@ def encode_round(
     answer_ids = torch.empty(0, dtype=ids.dtype)
     if answer is not None:
         answer_ids = torch.tensor(
-            processor.tokenizer(template.answer_part(answer), add_special_tokens=False)["input_ids"], dtype=ids.dtype
+            processor.tokenizer(template.answer_part(answer), add_special_tokens=False)["input_ids"],
+            dtype=ids.dtype,
         )
     mask = torch.cat([torch.zeros(len(ids), dtype=torch.bool), torch.ones(len(answer_ids), dtype=torch.bool)])
     return Segment(torch.cat([ids, answer_ids]), mask, image_tensors)
@@ -116,7 +117,9 @@ def collate(sequences: Sequence[Segment], family: Family, pad_id: int) -> dict[s
             out[key] = torch.cat(parts, 0)
         else:  # per-sample image lists [1, n_i, ...]: pad every sample to the most images with zeros
             most = max(p.shape[1] for p in parts)
-            padded = [torch.cat([p, p.new_zeros(p.shape[0], most - p.shape[1], *p.shape[2:])], 1) for p in parts]
+            padded = [
+                torch.cat([p, p.new_zeros(p.shape[0], most - p.shape[1], *p.shape[2:])], 1) for p in parts
+            ]
             out[key] = torch.cat(padded, 0)
     return out
 
@@ -137,12 +140,16 @@ class PromptBuilder:
         if key not in self._rounds:
             images = [load_image(image) for image in item.images]
             answer = target_answer(item) if with_answer else None
-            self._rounds[key] = encode_round(self.processor, self.family, self.template, item.question, images, answer)
+            self._rounds[key] = encode_round(
+                self.processor, self.family, self.template, item.question, images, answer
+            )
         return self._rounds[key]
 
     def teacher(self, demos: Sequence, query) -> Segment:
         """[bos] + demonstrations + query with its answer; the query+answer tokens come last."""
-        return assemble([self._bos, *(self.round(d) for d in demos), self.round(query)], self.family, self.max_length)
+        return assemble(
+            [self._bos, *(self.round(d) for d in demos), self.round(query)], self.family, self.max_length
+        )
 
     def student(self, query) -> Segment:
         """[bos] + query with its answer: the same last tokens as `teacher`."""

@@ -93,7 +93,9 @@ class MimicShift(nn.Module):
         """Index into the stacked parameters of decoder layer `layer`, or None if it carries no shift."""
         return self._row.get(layer)
 
-    def shift_attention(self, row: int, query: torch.Tensor, out: torch.Tensor, lse: torch.Tensor) -> torch.Tensor:
+    def shift_attention(
+        self, row: int, query: torch.Tensor, out: torch.Tensor, lse: torch.Tensor
+    ) -> torch.Tensor:
         """out + mu * v for one layer. query/out: [B, H, T, D]; lse: [B, H, T] (float32 for half inputs)."""
         v = self.v[row].to(out.dtype)  # (H|1, D)
         mu = self.magnitude(row, query, lse).to(out.dtype)  # (B|1, H, T|1)
@@ -111,12 +113,17 @@ class MimicShift(nn.Module):
     def shift_hidden(self, row: int, hidden: torch.Tensor) -> torch.Tensor:
         """LIVE-style shift of an MLP output [B, T, hidden]: add v, then rescale each token to its old norm."""
         shifted = hidden + self.v[row].to(hidden.dtype)
-        return shifted * (hidden.norm(dim=-1, keepdim=True) / shifted.norm(dim=-1, keepdim=True).clamp_min(1e-12))
+        return shifted * (
+            hidden.norm(dim=-1, keepdim=True) / shifted.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+        )
 
 
 # Attention modules routed to a shift: module -> (shift, decoder layer). Weak, so dropping a model frees it.
 _ROUTES: weakref.WeakKeyDictionary[nn.Module, tuple[MimicShift, int]] = weakref.WeakKeyDictionary()
-_FLOAT_MASK: dict[str, object] = {"key": None, "value": None}  # one-entry cache: the mask is shared by all layers
+_FLOAT_MASK: dict[str, object] = {
+    "key": None,
+    "value": None,
+}  # one-entry cache: the mask is shared by all layers
 
 
 def _float_mask(mask: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
@@ -130,12 +137,22 @@ def _float_mask(mask: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor |
     return value
 
 
-def mimic_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, is_causal=None, **kwargs):
+def mimic_attention(
+    module, query, key, value, attention_mask, dropout=0.0, scaling=None, is_causal=None, **kwargs
+):
     """The registered attention function: SDPA, plus the shift for routed, enabled text self-attention."""
     route = _ROUTES.get(module)
     if route is None or not route[0].enabled or getattr(module, "is_cross_attention", False):
         return sdpa_attention_forward(
-            module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, is_causal=is_causal, **kwargs
+            module,
+            query,
+            key,
+            value,
+            attention_mask,
+            dropout=dropout,
+            scaling=scaling,
+            is_causal=is_causal,
+            **kwargs,
         )
     shift, layer = route
     row = shift.row(layer)
@@ -158,7 +175,11 @@ def mimic_attention(module, query, key, value, attention_mask, dropout=0.0, scal
         s = key.shape[2]
         # The same causal rule as transformers' SDPA path: no mask means causal for a prefill and "attend to
         # every key" for a one-token step; an empty static cache is cropped to the prompt.
-        causal = t > 1 and mask is None and (is_causal if is_causal is not None else getattr(module, "is_causal", True))
+        causal = (
+            t > 1
+            and mask is None
+            and (is_causal if is_causal is not None else getattr(module, "is_causal", True))
+        )
         if causal and s > t:
             key, value = key[:, :, :t], value[:, :, :t]
         out, lse = attention_with_lse(query, key, value, mask, causal, scale)
@@ -184,9 +205,11 @@ def attach(model: nn.Module, shift: MimicShift) -> Iterator[MimicShift]:
     adapter = Adapter(model)
     geo = adapter.geometry
     spec = shift.spec
-    if (spec.num_heads, spec.head_dim, spec.hidden_size) != (geo.num_heads, geo.head_dim, geo.hidden_size) or (
-        max(spec.layers) >= geo.num_layers
-    ):
+    if (spec.num_heads, spec.head_dim, spec.hidden_size) != (
+        geo.num_heads,
+        geo.head_dim,
+        geo.hidden_size,
+    ) or (max(spec.layers) >= geo.num_layers):
         raise MimicError(
             f"shift of {spec.num_heads} heads x {spec.head_dim} dims, hidden {spec.hidden_size}, layers up to "
             f"{max(spec.layers)} does not fit this model ({geo.num_heads} heads x {geo.head_dim} dims, hidden "

@@ -27,7 +27,9 @@ def _atomic_write(path: Path, write) -> None:
     os.replace(tmp, path)
 
 
-def save_shift(shift: MimicShift, directory: str | Path, adapter: Adapter, provenance: dict | None = None) -> Path:
+def save_shift(
+    shift: MimicShift, directory: str | Path, adapter: Adapter, provenance: dict | None = None
+) -> Path:
     """Write the shift tensors and a JSON config that is enough to reload them without the training config."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
@@ -61,15 +63,20 @@ def read_shift_config(directory: str | Path) -> dict:
         raise MimicError(f"{path} is not valid JSON: {err}") from err
 
 
-def load_shift(directory: str | Path, adapter: Adapter | None = None, device: str | torch.device = "cpu") -> MimicShift:
+def load_shift(
+    directory: str | Path, adapter: Adapter | None = None, device: str | torch.device = "cpu"
+) -> MimicShift:
     """Rebuild a saved shift; with `adapter`, refuse one trained for a model of another family or shape."""
     config = read_shift_config(directory)
     spec = ShiftSpec(**{**config["spec"], "layers": tuple(config["spec"]["layers"])})
     if adapter is not None:
         geo = adapter.geometry
-        if adapter.family.name != config["family"] or (spec.num_heads, spec.head_dim, spec.hidden_size, config["num_layers"]) != (
-            geo.num_heads, geo.head_dim, geo.hidden_size, geo.num_layers
-        ):
+        if adapter.family.name != config["family"] or (
+            spec.num_heads,
+            spec.head_dim,
+            spec.hidden_size,
+            config["num_layers"],
+        ) != (geo.num_heads, geo.head_dim, geo.hidden_size, geo.num_layers):
             raise MimicError(
                 f"shift in {directory} was trained for {config['family']} model {config['base_model']!r} "
                 f"({config['num_layers']} layers, {spec.num_heads} heads x {spec.head_dim}); this model is "

@@ -7,8 +7,8 @@ from collections.abc import Iterator, Sequence
 
 import torch
 
-from pipeline.families import SITES, Adapter
 from pipeline.errors import MimicError
+from pipeline.families import SITES, Adapter
 
 
 def _hidden(output) -> torch.Tensor:
@@ -17,7 +17,9 @@ def _hidden(output) -> torch.Tensor:
 
 
 @contextlib.contextmanager
-def record_sites(adapter: Adapter, site: str, layers: Sequence[int] | None = None) -> Iterator[dict[int, torch.Tensor]]:
+def record_sites(
+    adapter: Adapter, site: str, layers: Sequence[int] | None = None
+) -> Iterator[dict[int, torch.Tensor]]:
     """Inside the block, every forward fills `{layer: [B, T, hidden]}` with the site's output (graph kept, so a
     loss on it trains the shifts). The hooks are always removed on exit."""
     if site not in SITES:

@@ -49,7 +49,9 @@ def forward_query_states(
     with record_sites(adapter, site, layers) as recorded:
         logits = model(**model_inputs(batch, device)).logits
     stacked = torch.stack([recorded[layer] for layer in layers], 1)  # (B, L, T, hidden)
-    states = [s.transpose(0, 1) for s in last_tokens(stacked.transpose(1, 2), lengths)]  # each (L, n_i, hidden)
+    states = [
+        s.transpose(0, 1) for s in last_tokens(stacked.transpose(1, 2), lengths)
+    ]  # each (L, n_i, hidden)
     values = indices = None
     if topk:
         mask = batch["answer_mask"].to(device)

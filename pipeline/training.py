@@ -55,8 +55,17 @@ class CacheTargets:
 class OnlineTargets:
     """The reference mode, as the paper's code trains: the frozen teacher runs on the same ICD sets every step."""
 
-    def __init__(self, model, adapter: Adapter, builder: PromptBuilder, samples: TrainingSamples, shift: MimicShift,
-                 batches: Sequence[Sequence[int]], site: str, layers: Sequence[int]):
+    def __init__(
+        self,
+        model,
+        adapter: Adapter,
+        builder: PromptBuilder,
+        samples: TrainingSamples,
+        shift: MimicShift,
+        batches: Sequence[Sequence[int]],
+        site: str,
+        layers: Sequence[int],
+    ):
         self.args = model, adapter, builder, samples, shift, site, layers
         self.batches = list(batches)
 
@@ -110,5 +119,7 @@ def autocast_for(device: str, precision: str) -> Callable[[], contextlib.Abstrac
     if precision not in dtypes:
         raise MimicError(f"train.precision must be fp32, bf16 or fp16, got {precision!r}")
     if not device.startswith("cuda"):
-        raise MimicError(f"train.precision={precision} needs a GPU (model.device is {device}); use fp32 on CPU")
+        raise MimicError(
+            f"train.precision={precision} needs a GPU (model.device is {device}); use fp32 on CPU"
+        )
     return lambda: torch.autocast("cuda", dtype=dtypes[precision])

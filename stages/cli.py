@@ -21,12 +21,16 @@ app = typer.Typer(
 app.add_typer(score.app, name="score")
 
 PARAMS = typer.Option(Path("params.yaml"), help="Parameters file (one section per stage).")
-SET = typer.Option([], "--set", "-s", help="Override a parameter by name, e.g. -s train.lr=0.01 (repeatable).")
+SET = typer.Option(
+    [], "--set", "-s", help="Override a parameter by name, e.g. -s train.lr=0.01 (repeatable)."
+)
 
 
 @app.callback()
 def _root(verbose: bool = typer.Option(False, "--verbose", "-v", help="Log debug messages.")) -> None:
-    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s"
+    )
     if not verbose:  # transformers' own weight-loading bars and warnings would bury our one-line errors
         import os
 
@@ -37,8 +41,12 @@ def _root(verbose: bool = typer.Option(False, "--verbose", "-v", help="Log debug
 
 @app.command("extract")
 def extract_command(
-    out: Path = typer.Option(Path("cache/teacher.zarr"), help="Zarr store to write; an interrupted one is resumed."),
-    replace: bool = typer.Option(False, help="Replace a store written with other parameters instead of refusing."),
+    out: Path = typer.Option(
+        Path("cache/teacher.zarr"), help="Zarr store to write; an interrupted one is resumed."
+    ),
+    replace: bool = typer.Option(
+        False, help="Replace a store written with other parameters instead of refusing."
+    ),
     params: Path = PARAMS,
     set_: list[str] = SET,
 ) -> None:
@@ -55,7 +63,9 @@ def extract_command(
 @app.command("train")
 def train_command(
     cache: Path = typer.Option(Path("cache/teacher.zarr"), help="Teacher store written by `mimic extract`."),
-    run_dir: Path = typer.Option(Path("runs/mimic"), "--run-dir", help="Checkpoints, log and the final shift."),
+    run_dir: Path = typer.Option(
+        Path("runs/mimic"), "--run-dir", help="Checkpoints, log and the final shift."
+    ),
     online: bool = typer.Option(False, help="Reference mode: run the teacher at every step, no cache."),
     params: Path = PARAMS,
     set_: list[str] = SET,
@@ -72,9 +82,13 @@ def train_command(
 
 @app.command("evaluate")
 def evaluate_command(
-    shift: Path = typer.Option(Path("runs/mimic/shift"), help="Trained shift directory (from `mimic train`)."),
+    shift: Path = typer.Option(
+        Path("runs/mimic/shift"), help="Trained shift directory (from `mimic train`)."
+    ),
     metrics: Path = typer.Option(Path("metrics/evaluate.json"), help="Metrics JSON to write."),
-    predictions: Path = typer.Option(Path("metrics/predictions.jsonl"), help="Per-sample predictions to write."),
+    predictions: Path = typer.Option(
+        Path("metrics/predictions.jsonl"), help="Per-sample predictions to write."
+    ),
     params: Path = PARAMS,
     set_: list[str] = SET,
 ) -> None:

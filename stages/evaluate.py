@@ -25,7 +25,13 @@ log = logging.getLogger(__name__)
 METHODS = ("zero_shot", "icl", "mimic")
 
 
-def evaluate(params_path: Path, shift_dir: Path | None, metrics_path: Path, predictions_path: Path, overrides: list[str]) -> dict:
+def evaluate(
+    params_path: Path,
+    shift_dir: Path | None,
+    metrics_path: Path,
+    predictions_path: Path,
+    overrides: list[str],
+) -> dict:
     params = load_params(params_path, overrides)
     ev = params.evaluate
     unknown = [m for m in ev.methods if m not in METHODS]
@@ -38,18 +44,26 @@ def evaluate(params_path: Path, shift_dir: Path | None, metrics_path: Path, pred
             raise MimicError(f"run directory not found: {shift_dir} (train a shift with `mimic train` first)")
         shift = load_shift(shift_dir, loaded.adapter, device=params.model.device)
     splits = make_splits(params.data)
-    builder = PromptBuilder(loaded.processor, loaded.adapter.family, PromptTemplate(params.prompt),
-                            loaded.adapter.text_config.max_position_embeddings)
+    builder = PromptBuilder(
+        loaded.processor,
+        loaded.adapter.family,
+        PromptTemplate(params.prompt),
+        loaded.adapter.text_config.max_position_embeddings,
+    )
     queries = splits.eval
     icd = sample_icd_sets([q.id for q in queries], splits.support, ev.k, 1, ev.seed)
     kind = params.data.eval["kind"]
     report, rows = {}, [{"id": q.id, "question": q.question, "answers": list(q.answers)} for q in queries]
     for method in ev.methods:
-        demos = [[splits.support[i] for i in icd[n][0]] if method == "icl" else [] for n in range(len(queries))]
+        demos = [
+            [splits.support[i] for i in icd[n][0]] if method == "icl" else [] for n in range(len(queries))
+        ]
         prompts = [builder.generation(d, q) for d, q in zip(demos, queries)]
         context = attach(loaded.model, shift) if method == "mimic" else contextlib.nullcontext()
         with context:
-            out = generate_answers(loaded.model, builder, prompts, ev.batch_size, ev.num_beams, ev.max_new_tokens, desc=method)
+            out = generate_answers(
+                loaded.model, builder, prompts, ev.batch_size, ev.num_beams, ev.max_new_tokens, desc=method
+            )
         value, per = score(kind, queries, out.answers)
         report[method] = {
             "score": round(value, 4),
@@ -76,7 +90,11 @@ def format_report(report: dict) -> str:
     for method in METHODS:
         if method in report:
             r = report[method]
-            lines.append(f"{method:<10} {r['score']:>8.2f} {r['latency_ms_per_sample']:>10.2f} {r['prompt_tokens_per_sample']:>14.1f}")
+            lines.append(
+                f"{method:<10} {r['score']:>8.2f} {r['latency_ms_per_sample']:>10.2f} {r['prompt_tokens_per_sample']:>14.1f}"
+            )
     if "mimic_speedup_over_icl" in report:
-        lines.append(f"MimIC (no demonstrations) is {report['mimic_speedup_over_icl']:.2f}x faster per sample than ICL")
+        lines.append(
+            f"MimIC (no demonstrations) is {report['mimic_speedup_over_icl']:.2f}x faster per sample than ICL"
+        )
     return "\n".join(lines)

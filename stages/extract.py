@@ -39,13 +39,21 @@ def extract(params_path: Path, out: Path, overrides: list[str], replace: bool = 
     geo = loaded.adapter.geometry
     layers = list(range(geo.num_layers)) if ex.layers is None else sorted(ex.layers)
     builder = PromptBuilder(
-        loaded.processor, loaded.adapter.family, PromptTemplate(params.prompt),
+        loaded.processor,
+        loaded.adapter.family,
+        PromptTemplate(params.prompt),
         loaded.adapter.text_config.max_position_embeddings,
     )
     rounds = [builder.round(q) for q in splits.train]
     token_counts = [len(r.input_ids) for r in rounds] * ex.m
     answer_counts = [int(r.answer_mask.sum()) for r in rounds] * ex.m
-    layout = Layout(num_layers=len(layers), hidden_size=geo.hidden_size, dtype=params.model.dtype, codec=ex.codec, topk=ex.topk)
+    layout = Layout(
+        num_layers=len(layers),
+        hidden_size=geo.hidden_size,
+        dtype=params.model.dtype,
+        codec=ex.codec,
+        topk=ex.topk,
+    )
     fingerprint = teacher_fingerprint(params, loaded, splits, layers)
     if replace and written_for_other_run(out, fingerprint, layout):
         log.info("replacing %s: it was written with other parameters", out)
@@ -57,11 +65,17 @@ def extract(params_path: Path, out: Path, overrides: list[str], replace: bool = 
         return store_stats(out)
     log.info("extracting %d of %d samples (k=%d, M=%d) into %s", len(todo), len(samples), ex.k, ex.m, out)
     start = time.perf_counter()
-    with AsyncWriter(writer) as background, torch.no_grad(), tqdm(total=len(todo), desc="extract", unit="sample") as bar:
+    with (
+        AsyncWriter(writer) as background,
+        torch.no_grad(),
+        tqdm(total=len(todo), desc="extract", unit="sample") as bar,
+    ):
         for first in range(0, len(todo), ex.batch_size):
             chunk = todo[first : first + ex.batch_size]
             batch, lengths = teacher_batch(builder, samples, chunk)
-            got, _ = forward_query_states(loaded.model, loaded.adapter, batch, lengths, ex.site, layers, ex.topk)
+            got, _ = forward_query_states(
+                loaded.model, loaded.adapter, batch, lengths, ex.site, layers, ex.topk
+            )
             for row, j in enumerate(chunk):
                 values = got.topk_values[row].cpu() if got.topk_values else None
                 indices = got.topk_indices[row].cpu() if got.topk_indices else None
@@ -78,5 +92,8 @@ def written_for_other_run(out: Path, fingerprint: dict, layout: Layout) -> bool:
     if not (out / "zarr.json").is_file():
         return False
     attrs = zarr.open_group(out, mode="r").attrs
-    same = attrs.get("fingerprint") == json.loads(json.dumps(fingerprint)) and attrs.get("layout") == layout.to_dict()
+    same = (
+        attrs.get("fingerprint") == json.loads(json.dumps(fingerprint))
+        and attrs.get("layout") == layout.to_dict()
+    )
     return not same

@@ -42,7 +42,9 @@ log = logging.getLogger(__name__)
 LOG_COLUMNS = ("step", "epoch", "loss", "ce", "align", "lr")
 
 
-def train(params_path: Path, cache: Path | None, run_dir: Path, overrides: list[str], loaded: Loaded | None = None) -> dict:
+def train(
+    params_path: Path, cache: Path | None, run_dir: Path, overrides: list[str], loaded: Loaded | None = None
+) -> dict:
     """Train (or resume) a run in `run_dir`; `cache=None` runs the online reference teacher instead.
     `loaded` reuses a model already in memory (it must be the one `params` names)."""
     params = load_params(params_path, overrides)
@@ -57,9 +59,15 @@ def train(params_path: Path, cache: Path | None, run_dir: Path, overrides: list[
     if cache is not None:  # checked before any step: model, tokenizer, data, prompts, k, M, site, layers
         reader = CacheReader.open(cache, expect=teacher_fingerprint(params, loaded, splits, layers))
     samples = training_samples(splits.train, splits.support, ex.k, ex.m, ex.seed)
-    builder = PromptBuilder(loaded.processor, adapter.family, PromptTemplate(params.prompt),
-                            adapter.text_config.max_position_embeddings)
-    shift = MimicShift(spec_for(adapter, tr.variant), torch.Generator().manual_seed(tr.seed)).to(params.model.device)
+    builder = PromptBuilder(
+        loaded.processor,
+        adapter.family,
+        PromptTemplate(params.prompt),
+        adapter.text_config.max_position_embeddings,
+    )
+    shift = MimicShift(spec_for(adapter, tr.variant), torch.Generator().manual_seed(tr.seed)).to(
+        params.model.device
+    )
     optimizer = torch.optim.AdamW(shift.parameters(), lr=tr.lr, weight_decay=tr.weight_decay)
     steps_per_epoch = math.ceil(math.ceil(len(splits.train) / tr.batch_size) / tr.grad_accum)
     total = steps_per_epoch * tr.epochs
@@ -71,11 +79,19 @@ def train(params_path: Path, cache: Path | None, run_dir: Path, overrides: list[
     checkpoint_path = run_dir / "checkpoint.pt"
     rows: list[dict] = []
     start_epoch = 0
-    identity = json.dumps({"params": [vars(tr), vars(ex), vars(params.model), vars(params.data), params.prompt],
-                           "cache": str(cache)}, sort_keys=True, default=str)
+    identity = json.dumps(
+        {
+            "params": [vars(tr), vars(ex), vars(params.model), vars(params.data), params.prompt],
+            "cache": str(cache),
+        },
+        sort_keys=True,
+        default=str,
+    )
     if (state := load_checkpoint(checkpoint_path)) is not None:
         if state["identity"] != identity:
-            raise MimicError(f"{checkpoint_path} belongs to a run with other parameters; use another --run-dir or delete it")
+            raise MimicError(
+                f"{checkpoint_path} belongs to a run with other parameters; use another --run-dir or delete it"
+            )
         shift.load_state_dict(state["shift"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
@@ -86,7 +102,8 @@ def train(params_path: Path, cache: Path | None, run_dir: Path, overrides: list[
         for epoch in range(start_epoch, tr.epochs):
             batches = epoch_batches(samples, epoch, tr.batch_size, tr.seed)
             targets = (
-                CacheTargets(reader, batches) if reader is not None
+                CacheTargets(reader, batches)
+                if reader is not None
                 else OnlineTargets(model, adapter, builder, samples, shift, batches, ex.site, layers)
             )
             bar = tqdm(zip(batches, targets), total=len(batches), desc=f"train epoch {epoch + 1}/{tr.epochs}")
@@ -105,23 +122,47 @@ def train(params_path: Path, cache: Path | None, run_dir: Path, overrides: list[
                     scaler.update()
                     optimizer.zero_grad(set_to_none=True)
                     scheduler.step()
-                row = {"step": len(rows), "epoch": epoch, "loss": loss.item(), "ce": ce.item(), "align": align.item(),
-                       "lr": optimizer.param_groups[0]["lr"]}
+                row = {
+                    "step": len(rows),
+                    "epoch": epoch,
+                    "loss": loss.item(),
+                    "ce": ce.item(),
+                    "align": align.item(),
+                    "lr": optimizer.param_groups[0]["lr"],
+                }
                 rows.append(row)
                 bar.set_postfix(loss=f"{row['loss']:.4f}", align=f"{row['align']:.4f}")
-            save_checkpoint(checkpoint_path, {"shift": shift.state_dict(), "optimizer": optimizer.state_dict(),
-                                              "scheduler": scheduler.state_dict(), "epoch": epoch + 1, "log": rows,
-                                              "identity": identity})
+            save_checkpoint(
+                checkpoint_path,
+                {
+                    "shift": shift.state_dict(),
+                    "optimizer": optimizer.state_dict(),
+                    "scheduler": scheduler.state_dict(),
+                    "epoch": epoch + 1,
+                    "log": rows,
+                    "identity": identity,
+                },
+            )
 
-    provenance = {"params": {"train": vars(tr), "extract": vars(ex)}, "cache": str(cache) if cache else "online"}
+    provenance = {
+        "params": {"train": vars(tr), "extract": vars(ex)},
+        "cache": str(cache) if cache else "online",
+    }
     save_shift(shift, run_dir / "shift", adapter, provenance=json.loads(json.dumps(provenance, default=str)))
     write_log(run_dir / "train_log.tsv", rows)
-    summary = {"first_align": rows[0]["align"], "last_align": rows[-1]["align"], "last_ce": rows[-1]["ce"], "steps": len(rows)}
+    summary = {
+        "first_align": rows[0]["align"],
+        "last_align": rows[-1]["align"],
+        "last_ce": rows[-1]["ce"],
+        "steps": len(rows),
+    }
     (run_dir / "train_summary.json").write_text(json.dumps(summary, indent=2, sort_keys=True))
     return summary
 
 
 def write_log(path: Path, rows: list[dict]) -> None:
     """Per-step loss components as TSV, which `dvc plots` reads."""
-    lines = ["\t".join(LOG_COLUMNS)] + ["\t".join(f"{r[c]:.6g}" if isinstance(r[c], float) else str(r[c]) for c in LOG_COLUMNS) for r in rows]
+    lines = ["\t".join(LOG_COLUMNS)] + [
+        "\t".join(f"{r[c]:.6g}" if isinstance(r[c], float) else str(r[c]) for c in LOG_COLUMNS) for r in rows
+    ]
     path.write_text("\n".join(lines) + "\n")

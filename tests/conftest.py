@@ -22,15 +22,31 @@ TEXT = dict(
 )
 IMAGE_TOKEN = 5
 MROPE = dict(rope_scaling=dict(type="mrope", mrope_section=[1, 1, 2]))
-QWEN_VISION = dict(depth=1, num_heads=2, in_channels=3, patch_size=2, spatial_merge_size=2, temporal_patch_size=2)
+QWEN_VISION = dict(
+    depth=1, num_heads=2, in_channels=3, patch_size=2, spatial_merge_size=2, temporal_patch_size=2
+)
 
 
 def _idefics2():
     return tf.Idefics2ForConditionalGeneration(
         tf.Idefics2Config(
             text_config=dict(model_type="mistral", **TEXT),
-            vision_config=dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2, image_size=16, patch_size=4),
-            perceiver_config=dict(hidden_size=32, resampler_n_latents=4, resampler_depth=1, resampler_n_heads=2, resampler_head_dim=8, num_key_value_heads=1),
+            vision_config=dict(
+                hidden_size=16,
+                intermediate_size=32,
+                num_hidden_layers=1,
+                num_attention_heads=2,
+                image_size=16,
+                patch_size=4,
+            ),
+            perceiver_config=dict(
+                hidden_size=32,
+                resampler_n_latents=4,
+                resampler_depth=1,
+                resampler_n_heads=2,
+                resampler_head_dim=8,
+                num_key_value_heads=1,
+            ),
             image_token_id=IMAGE_TOKEN,
         )
     )
@@ -42,7 +58,14 @@ def _idefics():
         tf.IdeficsConfig(
             **text,
             cross_layer_interval=1,
-            vision_config=dict(embed_dim=16, image_size=16, patch_size=4, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32),
+            vision_config=dict(
+                embed_dim=16,
+                image_size=16,
+                patch_size=4,
+                num_hidden_layers=1,
+                num_attention_heads=2,
+                intermediate_size=32,
+            ),
             perceiver_config=dict(use_resampler=False),
             additional_vocab_size=2,
         )
@@ -53,7 +76,15 @@ def _llava_onevision():
     return tf.LlavaOnevisionForConditionalGeneration(
         tf.LlavaOnevisionConfig(
             text_config=dict(model_type="qwen2", **TEXT),
-            vision_config=dict(model_type="siglip_vision_model", hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2, image_size=16, patch_size=4),
+            vision_config=dict(
+                model_type="siglip_vision_model",
+                hidden_size=16,
+                intermediate_size=32,
+                num_hidden_layers=2,
+                num_attention_heads=2,
+                image_size=16,
+                patch_size=4,
+            ),
             image_token_index=IMAGE_TOKEN,
         )
     )
@@ -63,7 +94,15 @@ def _llava():
     return tf.LlavaForConditionalGeneration(
         tf.LlavaConfig(
             text_config=dict(model_type="qwen2", **TEXT),
-            vision_config=dict(model_type="clip_vision_model", hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2, image_size=16, patch_size=4),
+            vision_config=dict(
+                model_type="clip_vision_model",
+                hidden_size=16,
+                intermediate_size=32,
+                num_hidden_layers=2,
+                num_attention_heads=2,
+                image_size=16,
+                patch_size=4,
+            ),
             image_token_index=IMAGE_TOKEN,
         )
     )
@@ -74,7 +113,9 @@ def _qwen2_vl():
         tf.Qwen2VLConfig(
             text_config=dict(**TEXT, **MROPE),
             vision_config=dict(embed_dim=16, hidden_size=32, **QWEN_VISION),
-            image_token_id=IMAGE_TOKEN, video_token_id=6, vision_start_token_id=7,
+            image_token_id=IMAGE_TOKEN,
+            video_token_id=6,
+            vision_start_token_id=7,
         )
     )
 
@@ -83,8 +124,16 @@ def _qwen2_5_vl():
     return tf.Qwen2_5_VLForConditionalGeneration(
         tf.Qwen2_5_VLConfig(
             text_config=dict(**TEXT, **MROPE),
-            vision_config=dict(hidden_size=16, intermediate_size=32, out_hidden_size=32, fullatt_block_indexes=[0], **QWEN_VISION),
-            image_token_id=IMAGE_TOKEN, video_token_id=6, vision_start_token_id=7,
+            vision_config=dict(
+                hidden_size=16,
+                intermediate_size=32,
+                out_hidden_size=32,
+                fullatt_block_indexes=[0],
+                **QWEN_VISION,
+            ),
+            image_token_id=IMAGE_TOKEN,
+            video_token_id=6,
+            vision_start_token_id=7,
         )
     )
 

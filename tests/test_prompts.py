@@ -15,7 +15,14 @@ from pipeline.errors import MimicError
 from pipeline.families import Adapter, family_for
 from pipeline.prompts import PromptTemplate, assemble, bos_segment, collate, encode_round
 
-SPECIAL = ["<pad>", "<unk>", "<s>", "<fake_token_around_image>", "<end_of_utterance>", "<image>"]  # <image> = id 5
+SPECIAL = [
+    "<pad>",
+    "<unk>",
+    "<s>",
+    "<fake_token_around_image>",
+    "<end_of_utterance>",
+    "<image>",
+]  # <image> = id 5
 WORDS = ["\n", "question", ":", "short", "answer", "what", "is", "this", "?", "red", "blue", "green"]
 
 
@@ -26,11 +33,19 @@ def tiny_idefics2_processor() -> Idefics2Processor:
     backend.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in SPECIAL])
     backend.add_tokens([AddedToken("\n", normalized=False)])
     tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=backend, bos_token="<s>", pad_token="<pad>", unk_token="<unk>",
-        extra_special_tokens={"image_token": "<image>", "image_boundary_token": "<fake_token_around_image>",
-                              "end_of_utterance_token": "<end_of_utterance>"},
+        tokenizer_object=backend,
+        bos_token="<s>",
+        pad_token="<pad>",
+        unk_token="<unk>",
+        extra_special_tokens={
+            "image_token": "<image>",
+            "image_boundary_token": "<fake_token_around_image>",
+            "end_of_utterance_token": "<end_of_utterance>",
+        },
     )
-    image_processor = Idefics2ImageProcessorPil(do_image_splitting=False, size={"longest_edge": 16, "shortest_edge": 16})
+    image_processor = Idefics2ImageProcessorPil(
+        do_image_splitting=False, size={"longest_edge": 16, "shortest_edge": 16}
+    )
     return Idefics2Processor(image_processor=image_processor, tokenizer=tokenizer, image_seq_len=4)
 
 
@@ -43,7 +58,9 @@ DEMOS = [("what is this ?", "red"), ("what is this ?", "blue"), ("what is this ?
 
 def teacher_and_student(processor, family, k: int, query_seed: int = 9):
     template = PromptTemplate()
-    demos = [encode_round(processor, family, template, q, [image(i)], a) for i, (q, a) in enumerate(DEMOS[:k])]
+    demos = [
+        encode_round(processor, family, template, q, [image(i)], a) for i, (q, a) in enumerate(DEMOS[:k])
+    ]
     query = encode_round(processor, family, template, "what is this ?", [image(query_seed)], "red")
     bos = bos_segment(processor)
     return assemble([bos, *demos, query], family), assemble([bos, query], family), query
@@ -56,7 +73,9 @@ def test_query_answer_tokens_line_up_in_teacher_and_student(name):
     teacher, student, query = teacher_and_student(processor, family, k=3)
     n = len(query.input_ids)
     assert torch.equal(teacher.input_ids[-n:], student.input_ids[-n:])
-    assert torch.equal(teacher.answer_mask[-n:], query.answer_mask) and torch.equal(student.answer_mask[-n:], query.answer_mask)
+    assert torch.equal(teacher.answer_mask[-n:], query.answer_mask) and torch.equal(
+        student.answer_mask[-n:], query.answer_mask
+    )
     assert student.answer_mask.sum() == 2  # "red" and "\n"
     decoded = processor.tokenizer.decode(student.input_ids[student.answer_mask])
     assert decoded.replace(" ", "") == "red\n"

@@ -52,7 +52,12 @@ ALL_MASK_ATTENTION_FUNCTIONS.register("test_reference", sdpa_mask)
 def run_reference(model, shift, detach_from=None, **inputs):
     adapter = Adapter(model)
     key = adapter.family.text_config
-    REF.update(shift=shift, layers={a: i for i, a in enumerate(adapter.attention_modules())}, detach_from=detach_from, mu={})
+    REF.update(
+        shift=shift,
+        layers={a: i for i, a in enumerate(adapter.attention_modules())},
+        detach_from=detach_from,
+        mu={},
+    )
     model.set_attn_implementation({key: "test_reference"} if key else "test_reference")
     try:
         return model(**inputs, output_hidden_states=True)
@@ -114,7 +119,9 @@ def test_forward_and_mu_equal_materialized_reference(family_name):
         ref = run_reference(model, shift, **inputs)
     valid = mask.bool()
     assert (logits - ref.logits)[valid].abs().max() <= 1e-4
-    assert Adapter(model).geometry.num_kv_heads < Adapter(model).geometry.num_heads or family_name == "idefics"
+    assert (
+        Adapter(model).geometry.num_kv_heads < Adapter(model).geometry.num_heads or family_name == "idefics"
+    )
     for layer, mu_ref in REF["mu"].items():
         diff = (ours[layer] - mu_ref).abs().amax(1)  # (B, T)
         assert diff[valid].max() <= 1e-5, f"layer {layer}"
@@ -124,7 +131,9 @@ def test_base_weights_frozen_and_bit_identical_after_step():
     model = build_tiny("idefics2")
     before = {k: v.clone() for k, v in model.state_dict().items()}
     shift = MimicShift(spec_for(Adapter(model)), torch.Generator().manual_seed(0))
-    trainable = [n for n, p in list(model.named_parameters()) + list(shift.named_parameters()) if p.requires_grad]
+    trainable = [
+        n for n, p in list(model.named_parameters()) + list(shift.named_parameters()) if p.requires_grad
+    ]
     assert sorted(trainable) == ["b", "v", "w"]
     ids, mask = left_padded_batch()
     opt = torch.optim.AdamW(shift.parameters(), lr=1e-2, weight_decay=1e-3)
@@ -145,8 +154,13 @@ def test_cached_greedy_decoding_equals_full_recompute(name):
     steps = 6
     with torch.no_grad(), attach(model, shift):
         gen = model.generate(
-            input_ids=ids, max_new_tokens=steps, min_new_tokens=steps, do_sample=False, output_logits=True,
-            return_dict_in_generate=True, pad_token_id=0,
+            input_ids=ids,
+            max_new_tokens=steps,
+            min_new_tokens=steps,
+            do_sample=False,
+            output_logits=True,
+            return_dict_in_generate=True,
+            pad_token_id=0,
         )
         seq = ids
         for step in range(steps):
@@ -171,8 +185,11 @@ def test_incremental_decoding_with_left_padding_matches_full_forward():
         cache = out.past_key_values
         for i in range(new.shape[1]):
             step = model(
-                input_ids=new[:, i : i + 1], attention_mask=full_mask[:, : t + i + 1],
-                position_ids=positions[:, t + i : t + i + 1], past_key_values=cache, use_cache=True,
+                input_ids=new[:, i : i + 1],
+                attention_mask=full_mask[:, : t + i + 1],
+                position_ids=positions[:, t + i : t + i + 1],
+                past_key_values=cache,
+                use_cache=True,
             )
             assert (step.logits[:, -1] - full[:, t + i]).abs().max() <= 1e-4
 
@@ -183,7 +200,9 @@ def test_incremental_decoding_with_left_padding_matches_full_forward():
 def _grads(model, shift, use_reference, detach_from=None):
     ids, mask = left_padded_batch(seed=7)
     inputs = dict(input_ids=ids, attention_mask=mask)
-    weight = torch.randn(ids.shape[0], ids.shape[1], 32, generator=torch.Generator().manual_seed(8), dtype=torch.float64)
+    weight = torch.randn(
+        ids.shape[0], ids.shape[1], 32, generator=torch.Generator().manual_seed(8), dtype=torch.float64
+    )
     shift.zero_grad()
     if use_reference:
         hidden = run_reference(model, shift, detach_from=detach_from, **inputs).hidden_states[-1]
@@ -214,11 +233,16 @@ def test_fused_and_materialized_attention_agree_in_value_and_gradient():
     from pipeline.attention import additive_mask, attention_with_lse
 
     g = torch.Generator().manual_seed(0)
-    q, k, v = (torch.randn(2, 3, 6, 8, generator=g, dtype=torch.float64, requires_grad=True) for _ in range(3))
+    q, k, v = (
+        torch.randn(2, 3, 6, 8, generator=g, dtype=torch.float64, requires_grad=True) for _ in range(3)
+    )
     keep = torch.ones(2, 1, 6, 6, dtype=torch.bool).tril()
     keep[0, ..., :2] = False  # left padding: rows 0 and 1 of sample 0 attend to nothing
     mask = additive_mask(keep, torch.float64)
-    go, gl = torch.randn(2, 3, 6, 8, generator=g, dtype=torch.float64), torch.randn(2, 3, 6, generator=g, dtype=torch.float64)
+    go, gl = (
+        torch.randn(2, 3, 6, 8, generator=g, dtype=torch.float64),
+        torch.randn(2, 3, 6, generator=g, dtype=torch.float64),
+    )
     results = []
     for fused in (True, False):
         out, lse = attention_with_lse(q, k, v, mask, False, 0.3, fused=fused)

@@ -24,7 +24,11 @@ def test_saved_shift_reloads_to_the_same_outputs(tmp_path, variant):
         shift.v.mul_(300)
     save_shift(shift, tmp_path, adapter, provenance={"run": "test"})
     config = json.loads((tmp_path / CONFIG).read_text())
-    assert config["family"] == "llava" and config["spec"]["layers"] == [0, 2] and config["provenance"] == {"run": "test"}
+    assert (
+        config["family"] == "llava"
+        and config["spec"]["layers"] == [0, 2]
+        and config["provenance"] == {"run": "test"}
+    )
     assert (tmp_path / CONFIG).read_text() == json.dumps(config, indent=2, sort_keys=True)
     loaded = load_shift(tmp_path, adapter)
     ids, mask = left_padded_batch()

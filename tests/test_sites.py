@@ -16,7 +16,12 @@ def test_layer_site_equals_hidden_states_and_mlp_site_is_the_residual_increment(
     model = build_tiny("llava")
     adapter = Adapter(model)
     ids, mask = left_padded_batch()
-    with torch.no_grad(), record_sites(adapter, "layer") as layer_out, record_sites(adapter, "mlp") as mlp_out, record_sites(adapter, "attn") as attn_out:
+    with (
+        torch.no_grad(),
+        record_sites(adapter, "layer") as layer_out,
+        record_sites(adapter, "mlp") as mlp_out,
+        record_sites(adapter, "attn") as attn_out,
+    ):
         out = model(input_ids=ids, attention_mask=mask, output_hidden_states=True)
     hidden = out.hidden_states
     for i in range(2):  # the last entry of hidden_states is after the final norm

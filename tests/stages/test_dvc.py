@@ -17,8 +17,12 @@ from pipeline.config import apply_overrides
 
 def dvc(*args, cwd: Path) -> subprocess.CompletedProcess:
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
-    result = subprocess.run([sys.executable, "-m", "dvc", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, f"dvc {' '.join(args)} failed: {result.stdout[-1500:]} {result.stderr[-1500:]}"
+    result = subprocess.run(
+        [sys.executable, "-m", "dvc", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=600
+    )
+    assert result.returncode == 0, (
+        f"dvc {' '.join(args)} failed: {result.stdout[-1500:]} {result.stderr[-1500:]}"
+    )
     return result
 
 

@@ -27,8 +27,17 @@ def run(tmp_path_factory):
 
 def test_three_methods_scored_with_the_shared_metric(run):
     metrics, predictions = run / "metrics.json", run / "predictions.jsonl"
-    result = cli("evaluate", "--shift", run / "run" / "shift", "--metrics", metrics, "--predictions", predictions,
-                 *overrides(), check=True)
+    result = cli(
+        "evaluate",
+        "--shift",
+        run / "run" / "shift",
+        "--metrics",
+        metrics,
+        "--predictions",
+        predictions,
+        *overrides(),
+        check=True,
+    )
     report = json.loads(metrics.read_text())
     for method in ("zero_shot", "icl", "mimic"):
         r = report[method]

@@ -43,7 +43,9 @@ def test_samples_equal_what_the_hooks_saw(store):
     params = load_params(PARAMS, SMALL)
     loaded = load_model(params.model.name)
     splits = make_splits(params.data)
-    samples = training_samples(splits.train, splits.support, params.extract.k, params.extract.m, params.extract.seed)
+    samples = training_samples(
+        splits.train, splits.support, params.extract.k, params.extract.m, params.extract.seed
+    )
     builder = PromptBuilder(loaded.processor, loaded.adapter.family, PromptTemplate(params.prompt), 512)
     got, reader = read_all(store)
     layers = list(range(loaded.adapter.geometry.num_layers))
@@ -94,7 +96,15 @@ def _marked(out) -> int:
 
 def test_sigkill_then_rerun_equals_uninterrupted_run(store, tmp_path):
     out = tmp_path / "killed.zarr"
-    command = [sys.executable, "-m", "stages.cli", "extract", "--out", str(out), *overrides("extract.batch_size=2")]
+    command = [
+        sys.executable,
+        "-m",
+        "stages.cli",
+        "extract",
+        "--out",
+        str(out),
+        *overrides("extract.batch_size=2"),
+    ]
     proc = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 120
     while _marked(out) < 4 and time.time() < deadline and proc.poll() is None:

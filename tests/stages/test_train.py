@@ -38,7 +38,10 @@ def test_alignment_loss_halves_and_base_weights_stay(store, tmp_path):
     after = loaded.model.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)
     rows = (tmp_path / "run" / "train_log.tsv").read_text().splitlines()
-    assert rows[0].split("\t") == ["step", "epoch", "loss", "ce", "align", "lr"] and len(rows) == 1 + summary["steps"]
+    assert (
+        rows[0].split("\t") == ["step", "epoch", "loss", "ce", "align", "lr"]
+        and len(rows) == 1 + summary["steps"]
+    )
 
 
 def test_cache_and_online_reference_give_the_same_shift(store, tmp_path):
