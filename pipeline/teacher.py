@@ -54,7 +54,9 @@ def forward_query_states(
     ]  # each (L, n_i, hidden)
     values = indices = None
     if topk:
-        mask = batch["answer_mask"].to(device)
+        mask = batch["answer_mask"].to(device).clone()
+        for row, n in enumerate(lengths):  # only the query's answer, not the demonstrations' answers
+            mask[row, : mask.shape[1] - n] = False
         # the logit predicting answer token t sits one position earlier
         predicting = torch.zeros_like(mask)
         predicting[:, :-1] = mask[:, 1:]

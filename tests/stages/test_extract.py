@@ -25,6 +25,7 @@ from pipeline.teacher import forward_query_states
 from stages.extract import extract
 
 PARAMS = ROOT / "params.yaml"
+WITH_TOPK = [*SMALL, "extract.topk=3"]
 
 
 def read_all(path) -> list:
@@ -35,12 +36,12 @@ def read_all(path) -> list:
 @pytest.fixture(scope="module")
 def store(tmp_path_factory):
     out = tmp_path_factory.mktemp("extract") / "teacher.zarr"
-    extract(PARAMS, out, SMALL)
+    extract(PARAMS, out, WITH_TOPK)
     return out
 
 
 def test_samples_equal_what_the_hooks_saw(store):
-    params = load_params(PARAMS, SMALL)
+    params = load_params(PARAMS, WITH_TOPK)
     loaded = load_model(params.model.name)
     splits = make_splits(params.data)
     samples = training_samples(
@@ -55,12 +56,17 @@ def test_samples_equal_what_the_hooks_saw(store):
         chunk = list(range(first, min(first + bs, len(samples))))
         batch, lengths = teacher_batch(builder, samples, chunk)
         with torch.no_grad():
-            seen, _ = forward_query_states(loaded.model, loaded.adapter, batch, lengths, "mlp", layers)
+            seen, _ = forward_query_states(loaded.model, loaded.adapter, batch, lengths, "mlp", layers, topk=3)
         for row, j in enumerate(chunk):
             states = got[j][0]
             assert states.shape == (len(layers), lengths[row], loaded.adapter.geometry.hidden_size)
             assert states.dtype == torch.float32
             assert torch.equal(states, seen.states[row])  # lossless: bit-exact
+            values, indices = got[j][1], got[j][2]
+            answer_tokens = int(batch["answer_mask"][row, -lengths[row] :].sum())
+            assert values.shape == indices.shape == (answer_tokens, 3)
+            assert torch.equal(values, seen.topk_values[row]) and torch.equal(indices, seen.topk_indices[row])
+            assert (values[:, 0] >= values[:, 1]).all()
     assert reader.fingerprint["k"] == params.extract.k and reader.fingerprint["site"] == "mlp"
 
 
@@ -76,13 +82,13 @@ def test_int8_codec_within_one_percent(store, tmp_path):
 
 def test_same_seed_same_store_and_rerun_does_nothing(store, tmp_path):
     out = tmp_path / "again.zarr"
-    extract(PARAMS, out, SMALL)
+    extract(PARAMS, out, WITH_TOPK)
     first, _ = read_all(store)
     second, reader = read_all(out)
     assert all(torch.equal(a[0], b[0]) for a, b in zip(first, second))
     assert reader.fingerprint == CacheReader.open(store).fingerprint
     mtimes = {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file()}
-    result = cli("extract", "--out", out, *overrides(), check=True)
+    result = cli("extract", "--out", out, *overrides("extract.topk=3"), check=True)
     assert "24 samples" in result.stdout
     assert mtimes == {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file()}
 
