@@ -146,15 +146,16 @@ def test_base_weights_frozen_and_bit_identical_after_step():
     assert all(torch.equal(before[k], after[k]) for k in before)
 
 
-@pytest.mark.parametrize("name", ["idefics2", "llava", "qwen2_vl"])
-def test_cached_greedy_decoding_equals_full_recompute(name):
-    model = build_tiny(name)
+def test_cached_greedy_decoding_equals_full_recompute(family_name):
+    model = build_tiny(family_name)
     ids = torch.randint(10, 96, (2, 7), generator=torch.Generator().manual_seed(3))
+    extra = extra_inputs(family_name, ids)
     shift = random_shift(model, seed=3)
     steps = 6
     with torch.no_grad(), attach(model, shift):
         gen = model.generate(
             input_ids=ids,
+            **extra,
             max_new_tokens=steps,
             min_new_tokens=steps,
             do_sample=False,
@@ -164,9 +165,12 @@ def test_cached_greedy_decoding_equals_full_recompute(name):
         )
         seq = ids
         for step in range(steps):
-            logits = model(input_ids=seq).logits[:, -1]
+            inputs = extra_inputs(family_name, seq)  # Idefics: every token sees the image
+            logits = model(input_ids=seq, **inputs).logits[:, -1]
             assert (logits - gen.logits[step]).abs().max() <= 1e-4
-            seq = torch.cat([seq, logits.argmax(-1, keepdim=True)], 1)
+            choice = logits.clone()
+            choice[:, model.generation_config.eos_token_id] = float("-inf")  # as min_new_tokens does
+            seq = torch.cat([seq, choice.argmax(-1, keepdim=True)], 1)
     assert torch.equal(gen.sequences, seq)
 
 
