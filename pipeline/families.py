@@ -28,11 +28,12 @@ class Family:
     attention: str = "self_attn"  # attribute of a decoder layer: its self-attention module
     mlp: str = "mlp"  # attribute of a decoder layer: its MLP
     image_axis: int = 0  # processor image tensors: 0 = one flat list over the batch, 1 = [batch, images, ...]
+    segment_prompts: bool = True  # False: its processor cannot tokenize one round at a time (see docs/method.md)
 
 
 FAMILIES: tuple[Family, ...] = (
     Family("idefics2", ("idefics2",), "model.text_model.layers", "text_config", "<image>", image_axis=1),
-    Family("idefics", ("idefics",), "model.layers", None, "<image>", image_axis=1),
+    Family("idefics", ("idefics",), "model.layers", None, "<image>", image_axis=1, segment_prompts=False),
     Family("llava", ("llava", "llava_onevision"), "model.language_model.layers", "text_config", "<image>"),
     Family(
         "qwen2_vl",

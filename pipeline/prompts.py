@@ -128,6 +128,11 @@ class PromptBuilder:
     """Teacher, student and generation inputs for items, each round tokenized once and cached by item id."""
 
     def __init__(self, processor, family: Family, template: PromptTemplate, max_length: int | None = None):
+        if not family.segment_prompts:
+            raise MimicError(
+                f"{family.name} prompts cannot be assembled from token segments yet: its processor adds BOS on every "
+                "call and ties tokens to images with an image_attention_mask (docs/method.md, Known gaps)"
+            )
         self.processor, self.family, self.template, self.max_length = processor, family, template, max_length
         self._bos = bos_segment(processor)
         self._rounds: dict[tuple[str, bool], Segment] = {}

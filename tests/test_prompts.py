@@ -13,7 +13,7 @@ from transformers import Idefics2ImageProcessorPil, Idefics2Processor, PreTraine
 from pipeline.embedded.model import build_processor
 from pipeline.errors import MimicError
 from pipeline.families import Adapter, family_for
-from pipeline.prompts import PromptTemplate, assemble, bos_segment, collate, encode_round
+from pipeline.prompts import PromptBuilder, PromptTemplate, assemble, bos_segment, collate, encode_round
 
 SPECIAL = [
     "<pad>",
@@ -108,3 +108,8 @@ def test_bad_templates_and_lengths_are_refused():
     teacher, _, _ = teacher_and_student(processor, family_for("llava"), k=3)
     with pytest.raises(MimicError, match="exceeds the model's limit"):
         assemble([teacher], family_for("llava"), max_length=10)
+
+
+def test_family_without_segment_prompts_is_refused_clearly():
+    with pytest.raises(MimicError, match="idefics prompts cannot be assembled"):
+        PromptBuilder(build_processor(), family_for("idefics"), PromptTemplate())
