@@ -21,6 +21,9 @@ from pipeline.errors import MimicError
 from pipeline.families import Family
 
 TEXT_KEYS = ("input_ids", "attention_mask")
+# Processor outputs aligned with input_ids ([1, t], 0 = text), e.g. Qwen2-VL's mm_token_type_ids, which its M-RoPE
+# needs: joined along the token axis like input_ids, never along the image axis.
+TOKEN_KEYS = ("mm_token_type_ids",)
 
 
 @dataclass(frozen=True)
@@ -48,11 +51,16 @@ class PromptTemplate:
 
 @dataclass
 class Segment:
-    """One tokenized round: ids [t], which of them are answer tokens [t], and its image tensors."""
+    """One tokenized round: ids [t], which of them are answer tokens [t], its image tensors and per-token types."""
 
     input_ids: torch.Tensor
     answer_mask: torch.Tensor
     images: dict[str, torch.Tensor] = field(default_factory=dict)
+    token_types: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    def token_type(self, key: str) -> torch.Tensor:
+        """`token_types[key]` [t], or all text (zeros) for a segment without it (BOS, a round without images)."""
+        return self.token_types.get(key, torch.zeros(len(self.input_ids), dtype=torch.long))
 
 
 def encode_round(
@@ -63,7 +71,8 @@ def encode_round(
     kwargs = {"images": list(images)} if images else {}
     encoded = processor(text=[prefix], add_special_tokens=False, return_tensors="pt", **kwargs)
     ids = encoded["input_ids"][0]
-    image_tensors = {k: v for k, v in encoded.items() if k not in TEXT_KEYS and isinstance(v, torch.Tensor)}
+    skip = TEXT_KEYS + TOKEN_KEYS
+    image_tensors = {k: v for k, v in encoded.items() if k not in skip and isinstance(v, torch.Tensor)}
     answer_ids = torch.empty(0, dtype=ids.dtype)
     if answer is not None:
         answer_ids = torch.tensor(
@@ -71,7 +80,12 @@ def encode_round(
             dtype=ids.dtype,
         )
     mask = torch.cat([torch.zeros(len(ids), dtype=torch.bool), torch.ones(len(answer_ids), dtype=torch.bool)])
-    return Segment(torch.cat([ids, answer_ids]), mask, image_tensors)
+    types = {
+        k: torch.cat([encoded[k][0].long(), torch.zeros(len(answer_ids), dtype=torch.long)])
+        for k in TOKEN_KEYS
+        if k in encoded
+    }
+    return Segment(torch.cat([ids, answer_ids]), mask, image_tensors, types)
 
 
 def bos_segment(processor) -> Segment:
@@ -94,7 +108,11 @@ def assemble(segments: Sequence[Segment], family: Family, max_length: int | None
             images.setdefault(key, []).append(value)
     axis = family.image_axis
     joined = {k: torch.cat(v, dim=axis) for k, v in images.items()}
-    return Segment(ids, torch.cat([s.answer_mask for s in segments]), joined)
+    types = {
+        k: torch.cat([s.token_type(k) for s in segments])
+        for k in {k for s in segments for k in s.token_types}
+    }
+    return Segment(ids, torch.cat([s.answer_mask for s in segments]), joined, types)
 
 
 def collate(sequences: Sequence[Segment], family: Family, pad_id: int) -> dict[str, torch.Tensor]:
@@ -110,6 +128,10 @@ def collate(sequences: Sequence[Segment], family: Family, pad_id: int) -> dict[s
         attention[row, longest - n :] = 1
         answers[row, longest - n :] = seq.answer_mask
     out = {"input_ids": ids, "attention_mask": attention, "answer_mask": answers}
+    for key in {k for s in sequences for k in s.token_types}:
+        out[key] = torch.zeros(batch, longest, dtype=torch.long)  # padding counts as text
+        for row, seq in enumerate(sequences):
+            out[key][row, longest - len(seq.input_ids) :] = seq.token_type(key)
     keys = {k for s in sequences for k in s.images}
     for key in keys:
         parts = [s.images[key] for s in sequences if key in s.images]
