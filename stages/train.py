@@ -150,10 +150,11 @@ def train(
     }
     save_shift(shift, run_dir / "shift", adapter, provenance=json.loads(json.dumps(provenance, default=str)))
     write_log(run_dir / "train_log.tsv", rows)
+    last_epoch = [r for r in rows if r["epoch"] == rows[-1]["epoch"]]
     summary = {
-        "first_align": rows[0]["align"],
-        "last_align": rows[-1]["align"],
-        "last_ce": rows[-1]["ce"],
+        "first_align": rows[0]["align"],  # the first step's alignment loss
+        "last_align": sum(r["align"] for r in last_epoch) / len(last_epoch),  # mean over the last epoch
+        "last_ce": sum(r["ce"] for r in last_epoch) / len(last_epoch),
         "steps": len(rows),
     }
     (run_dir / "train_summary.json").write_text(json.dumps(summary, indent=2, sort_keys=True))

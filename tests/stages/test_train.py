@@ -19,7 +19,7 @@ from stages.extract import extract
 from stages.train import train
 
 PARAMS = ROOT / "params.yaml"
-TRAIN = [*SMALL, "train.epochs=4"]
+TRAIN = [*SMALL, "train.epochs=6", "train.batch_size=4", "train.lr=0.1"]
 
 
 @pytest.fixture(scope="module")
