@@ -264,27 +264,52 @@ class CacheWriter:
         topk_indices: torch.Tensor | None = None,
     ) -> None:
         """Store sample i: states [L, T_i, H], topk_values [A_i, K], topk_indices [A_i, K] int64."""
+        self.write_many([(i, states, topk_values, topk_indices)])
+
+    def write_many(
+        self, samples: list[tuple[int, torch.Tensor, torch.Tensor | None, torch.Tensor | None]]
+    ) -> None:
+        """Store several samples; each run of consecutive indices is one slice write per array, so a shard
+        file is rewritten once per run instead of once per sample. Markers follow the data, as in `write`."""
         if self.complete:
             raise MimicError(f"{self.path} is complete; nothing to write (delete it to recompute)")
-        if not 0 <= i < len(self):
-            raise MimicError(f"{self.path}: sample {i} is out of range (the store has {len(self)} samples)")
-        if i in self.done:
-            raise MimicError(f"{self.path}: sample {i} is already written; skip the samples in writer.done")
-        self._check(i, states, topk_values, topk_indices)
-        parts = encode_sample(self.layout, states, topk_values, topk_indices)
-        # inf/NaN in a row end up in its scale (absmax) or among its outliers (topk ranks NaN first)
-        if self.layout.codec == "int8" and not all(
-            np.isfinite(parts[name]).all() for name in ("states_scale", "outlier_value") if name in parts
-        ):
-            raise MimicError(
-                f"{self.path}: sample {i}: states hold inf/NaN, which codec int8 cannot store; use lossless"
-            )
-        for spec in self._store.specs:
-            start, stop = self._store.bounds(spec, i, i + 1)
-            if stop > start:
-                self._store.arrays[spec.name][spec.rows(start, stop)] = parts[spec.name]
-        self._store.marks[i] = checksum(self.layout, parts)  # only now does sample i count as written
-        self.done.add(i)
+        encoded: dict[int, dict[str, np.ndarray]] = {}
+        for i, states, topk_values, topk_indices in samples:
+            if not 0 <= i < len(self):
+                raise MimicError(
+                    f"{self.path}: sample {i} is out of range (the store has {len(self)} samples)"
+                )
+            if i in self.done or i in encoded:
+                raise MimicError(
+                    f"{self.path}: sample {i} is already written; skip the samples in writer.done"
+                )
+            self._check(i, states, topk_values, topk_indices)
+            parts = encode_sample(self.layout, states, topk_values, topk_indices)
+            # inf/NaN in a row end up in its scale (absmax) or among its outliers (topk ranks NaN first)
+            if self.layout.codec == "int8" and not all(
+                np.isfinite(parts[name]).all() for name in ("states_scale", "outlier_value") if name in parts
+            ):
+                raise MimicError(
+                    f"{self.path}: sample {i}: states hold inf/NaN, which codec int8 cannot store; use lossless"
+                )
+            encoded[i] = parts
+        order = sorted(encoded)
+        runs = [[order[0]]] if order else []
+        for i in order[1:]:
+            if i == runs[-1][-1] + 1:
+                runs[-1].append(i)
+            else:
+                runs.append([i])
+        for run in runs:
+            for spec in self._store.specs:
+                start, stop = self._store.bounds(spec, run[0], run[-1] + 1)
+                if stop > start:
+                    axis = len(spec.lead)
+                    block = np.concatenate([encoded[i][spec.name] for i in run], axis=axis)
+                    self._store.arrays[spec.name][spec.rows(start, stop)] = block
+            for i in run:  # only now do these samples count as written
+                self._store.marks[i] = checksum(self.layout, encoded[i])
+                self.done.add(i)
 
     def finish(self) -> None:
         """Mark the store complete (every sample must be in) and release it."""
@@ -335,7 +360,10 @@ class AsyncWriter:
         while (job := self._queue.get()) is not None:
             if self._error is None:  # after a failure, queued jobs are dropped
                 try:
-                    self.writer.write(*job)
+                    if job[0] == "many":
+                        self.writer.write_many(job[1])
+                    else:
+                        self.writer.write(*job)
                 except BaseException as err:  # handed to the caller's thread
                     self._error = err
 
@@ -356,6 +384,19 @@ class AsyncWriter:
         while True:
             try:
                 self._queue.put((i, *cpu), timeout=0.1)
+                return
+            except queue.Full:
+                self._raise_pending()
+
+    def submit_many(
+        self, samples: list[tuple[int, torch.Tensor, torch.Tensor | None, torch.Tensor | None]]
+    ) -> None:
+        """Queue several samples (a batch of the teacher) as one `write_many`."""
+        self._raise_pending()
+        cpu = [(i, *(None if x is None else x.detach().to("cpu") for x in rest)) for i, *rest in samples]
+        while True:
+            try:
+                self._queue.put(("many", cpu), timeout=0.1)
                 return
             except queue.Full:
                 self._raise_pending()

@@ -76,10 +76,17 @@ def extract(params_path: Path, out: Path, overrides: list[str], replace: bool = 
             got, _ = forward_query_states(
                 loaded.model, loaded.adapter, batch, lengths, ex.site, layers, ex.topk
             )
-            for row, j in enumerate(chunk):
-                values = got.topk_values[row].cpu() if got.topk_values else None
-                indices = got.topk_indices[row].cpu() if got.topk_indices else None
-                background.submit(j, got.states[row].cpu(), values, indices)
+            background.submit_many(
+                [
+                    (
+                        j,
+                        got.states[row],
+                        got.topk_values[row] if got.topk_values else None,
+                        got.topk_indices[row] if got.topk_indices else None,
+                    )
+                    for row, j in enumerate(chunk)
+                ]
+            )
             bar.update(len(chunk))
     writer.finish()
     stats = store_stats(out)
