@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import time
 from pathlib import Path
 
 import torch
@@ -98,6 +99,7 @@ def train(
         start_epoch, rows = state["epoch"], state["log"]
         log.info("resuming %s after epoch %d", run_dir, start_epoch)
 
+    loop_start = time.perf_counter()
     with attach(model, shift):
         for epoch in range(start_epoch, tr.epochs):
             batches = epoch_batches(samples, epoch, tr.batch_size, tr.seed)
@@ -150,12 +152,14 @@ def train(
     }
     save_shift(shift, run_dir / "shift", adapter, provenance=json.loads(json.dumps(provenance, default=str)))
     write_log(run_dir / "train_log.tsv", rows)
+    loop_seconds = time.perf_counter() - loop_start
     last_epoch = [r for r in rows if r["epoch"] == rows[-1]["epoch"]]
     summary = {
         "first_align": rows[0]["align"],  # the first step's alignment loss
         "last_align": sum(r["align"] for r in last_epoch) / len(last_epoch),  # mean over the last epoch
         "last_ce": sum(r["ce"] for r in last_epoch) / len(last_epoch),
         "steps": len(rows),
+        "seconds_per_epoch": loop_seconds / max(tr.epochs - start_epoch, 1),  # the training loop only
     }
     (run_dir / "train_summary.json").write_text(json.dumps(summary, indent=2, sort_keys=True))
     return summary
