@@ -41,9 +41,17 @@ EVAL_SEED = 1  # the build script reports seed 0: this checks other queries than
 MIN_GAIN = 0.40  # required k-shot minus zero-shot accuracy, for every task
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """One torch thread: on shared cores two threads oversubscribe and run up to 10x slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def loaded() -> tuple[LlavaForConditionalGeneration, LlavaProcessor, float]:
-    torch.set_num_threads(2)
     start = time.perf_counter()
     model = AutoModelForImageTextToText.from_pretrained(MODEL_DIR)
     processor = AutoProcessor.from_pretrained(MODEL_DIR)
@@ -193,7 +201,6 @@ def _pretrain_briefly(seed: int) -> LlavaForConditionalGeneration:
 
 
 def test_a_few_pretraining_steps_train_the_vision_path_too():
-    torch.set_num_threads(2)
     before = dict(build_model(0).named_parameters())
     model = _pretrain_briefly(seed=0)
     assert not model.training
@@ -203,7 +210,6 @@ def test_a_few_pretraining_steps_train_the_vision_path_too():
 
 
 def test_pretraining_is_seeded():
-    torch.set_num_threads(2)
     a, b, c = _pretrain_briefly(seed=0), _pretrain_briefly(seed=0), _pretrain_briefly(seed=1)
     for (name, pa), pb in zip(a.named_parameters(), b.parameters()):
         assert torch.equal(pa, pb), name
