@@ -357,13 +357,10 @@ class AsyncWriter:
         self._thread.start()
 
     def _run(self) -> None:
-        while (job := self._queue.get()) is not None:
+        while (samples := self._queue.get()) is not None:
             if self._error is None:  # after a failure, queued jobs are dropped
                 try:
-                    if job[0] == "many":
-                        self.writer.write_many(job[1])
-                    else:
-                        self.writer.write(*job)
+                    self.writer.write_many(samples)
                 except BaseException as err:  # handed to the caller's thread
                     self._error = err
 
@@ -379,24 +376,17 @@ class AsyncWriter:
         topk_indices: torch.Tensor | None = None,
     ) -> None:
         """Queue sample i for writing; blocks while ``max_pending`` writes are queued."""
-        self._raise_pending()
-        cpu = [None if x is None else x.detach().to("cpu") for x in (states, topk_values, topk_indices)]
-        while True:
-            try:
-                self._queue.put((i, *cpu), timeout=0.1)
-                return
-            except queue.Full:
-                self._raise_pending()
+        self.submit_many([(i, states, topk_values, topk_indices)])
 
     def submit_many(
         self, samples: list[tuple[int, torch.Tensor, torch.Tensor | None, torch.Tensor | None]]
     ) -> None:
-        """Queue several samples (a batch of the teacher) as one `write_many`."""
+        """Queue several samples (a batch of the teacher) as one `write_many`; blocks while full."""
         self._raise_pending()
         cpu = [(i, *(None if x is None else x.detach().to("cpu") for x in rest)) for i, *rest in samples]
         while True:
             try:
-                self._queue.put(("many", cpu), timeout=0.1)
+                self._queue.put(cpu, timeout=0.1)
                 return
             except queue.Full:
                 self._raise_pending()
