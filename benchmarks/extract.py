@@ -34,6 +34,8 @@ def plain_forwards(overrides: list[str]) -> float:
     ex = params.extract
     samples = training_samples(splits.train, splits.support, ex.k, ex.m, ex.seed)
     builder = PromptBuilder(loaded.processor, loaded.adapter.family, PromptTemplate(params.prompt), 4096)
+    for query in splits.train:  # as extract does before its loop: query rounds are encoded up front
+        builder.round(query)
     start = time.perf_counter()
     with torch.no_grad():
         for first in range(0, len(samples), ex.batch_size):

@@ -307,9 +307,9 @@ class CacheWriter:
                     axis = len(spec.lead)
                     block = np.concatenate([encoded[i][spec.name] for i in run], axis=axis)
                     self._store.arrays[spec.name][spec.rows(start, stop)] = block
-            for i in run:  # only now do these samples count as written
-                self._store.marks[i] = checksum(self.layout, encoded[i])
-                self.done.add(i)
+            # only now do these samples count as written: one marker write for the whole run
+            self._store.marks[run[0] : run[-1] + 1] = np.array([checksum(self.layout, encoded[i]) for i in run])
+            self.done.update(run)
 
     def finish(self) -> None:
         """Mark the store complete (every sample must be in) and release it."""
