@@ -15,7 +15,8 @@ Crash safety (the writer may be SIGKILLed at any instant; a rerun must equal an 
 2. There is one writer at a time (an flock on the store directory; AsyncWriter uses a single thread) and its
    writes are sequential, so each read-modify-write starts from the latest file and carries the neighbours'
    bytes over unchanged: rewriting sample i cannot alter an already-marked sample.
-3. A sample's marker is written only after all its data files are in place. On resume, unmarked samples are
+3. A sample's marker is written only after all its data files are in place (a staged sample may be half
+   written, its rows up to a shard boundary, and is unmarked until the rest is in). On resume, unmarked samples are
    rewritten (the teacher is deterministic: same bytes) and leftover ``*.partial`` temp files are removed.
    The skeleton (metadata, offsets, attributes) is built in a temporary directory renamed into place, so a
    store path is never half-created.
@@ -164,6 +165,9 @@ class CacheWriter:
             for partial in self.path.rglob("*.partial"):  # temp files of writes cut short by a kill
                 partial.unlink()
         self.done: set[int] = set(np.flatnonzero(store.marks[:] >= 0).tolist())
+        self._staged: dict[int, dict[str, np.ndarray]] = {}  # encoded, not yet marked (write_many flush=False)
+        self._token_written: dict[int, int] = {}  # staged sample -> token row its written part ends at
+        self._shard_rows = self.layout.token_chunk * self.layout.shard_chunks
 
     @classmethod
     def open(
@@ -267,10 +271,17 @@ class CacheWriter:
         self.write_many([(i, states, topk_values, topk_indices)])
 
     def write_many(
-        self, samples: list[tuple[int, torch.Tensor, torch.Tensor | None, torch.Tensor | None]]
+        self,
+        samples: list[tuple[int, torch.Tensor, torch.Tensor | None, torch.Tensor | None]],
+        flush: bool = True,
     ) -> None:
-        """Store several samples; each run of consecutive indices is one slice write per array, so a shard
-        file is rewritten once per run instead of once per sample. Markers follow the data, as in `write`."""
+        """Store several samples (each run of consecutive indices is one slice write per array).
+
+        With ``flush=False`` the samples are staged: only whole shards of the token axis are written now and
+        the rest waits for the next call, so each shard file is compressed and written once instead of once
+        per batch (the extract loop's cost). Staged samples are marked once their rows are all written;
+        ``flush()`` writes whatever is left. A kill loses at most the staged samples, which stay missing.
+        """
         if self.complete:
             raise MimicError(f"{self.path} is complete; nothing to write (delete it to recompute)")
         encoded: dict[int, dict[str, np.ndarray]] = {}
@@ -279,7 +290,7 @@ class CacheWriter:
                 raise MimicError(
                     f"{self.path}: sample {i} is out of range (the store has {len(self)} samples)"
                 )
-            if i in self.done or i in encoded:
+            if i in self.done or i in self._staged or i in encoded:
                 raise MimicError(
                     f"{self.path}: sample {i} is already written; skip the samples in writer.done"
                 )
@@ -293,28 +304,64 @@ class CacheWriter:
                     f"{self.path}: sample {i}: states hold inf/NaN, which codec int8 cannot store; use lossless"
                 )
             encoded[i] = parts
-        order = sorted(encoded)
+        self._staged.update(encoded)
+        self._write_staged(all_rows=flush)
+        offsets = self._store.offsets["tokens"]
+        unwritten = sum(int(offsets[i + 1]) - self._token_written.get(i, int(offsets[i])) for i in self._staged)
+        if unwritten >= 2 * self._shard_rows:  # scattered samples (a resumed run) may never fill a shard
+            self.flush()
+
+    def flush(self) -> None:
+        """Write and mark every staged sample."""
+        self._write_staged(all_rows=True)
+
+    def _write_staged(self, all_rows: bool) -> None:
+        """Write staged rows run by run: all of them, or only up to each run's last shard boundary on the
+        token axis. Samples whose rows are all in are then marked, one marker write per run."""
+        order = sorted(self._staged)
         runs = [[order[0]]] if order else []
         for i in order[1:]:
             if i == runs[-1][-1] + 1:
                 runs[-1].append(i)
             else:
                 runs.append([i])
+        offsets = self._store.offsets["tokens"]
         for run in runs:
+            first = self._token_written.get(run[0], int(offsets[run[0]]))  # a run's head may be half written
+            stop = int(offsets[run[-1] + 1])
+            if not all_rows:
+                stop = stop // self._shard_rows * self._shard_rows
+                if stop <= first:
+                    continue
+            whole = [i for i in run if offsets[i + 1] <= stop]  # samples that end before the cut
             for spec in self._store.specs:
-                start, stop = self._store.bounds(spec, run[0], run[-1] + 1)
-                if stop > start:
-                    axis = len(spec.lead)
-                    block = np.concatenate([encoded[i][spec.name] for i in run], axis=axis)
-                    self._store.arrays[spec.name][spec.rows(start, stop)] = block
-            # only now do these samples count as written: one marker write for the whole run
-            self._store.marks[run[0] : run[-1] + 1] = np.array([checksum(self.layout, encoded[i]) for i in run])
-            self.done.update(run)
+                if spec.axis == "tokens":
+                    start, end, ids = first, stop, [i for i in run if offsets[i] < stop]
+                else:  # the answer axis is small: write the whole samples' rows, aligned or not
+                    if not whole:
+                        continue
+                    (start, end), ids = self._store.bounds(spec, whole[0], whole[-1] + 1), whole
+                if end > start:
+                    block = np.concatenate([self._staged[i][spec.name] for i in ids], axis=len(spec.lead))
+                    base = self._store.bounds(spec, ids[0], ids[0] + 1)[0]
+                    self._store.arrays[spec.name][spec.rows(start, end)] = spec.take(
+                        block, start - base, end - base
+                    )
+            if len(whole) < len(run):
+                self._token_written[run[len(whole)]] = stop
+            if whole:  # only now do these samples count as written: one marker write for the whole run
+                crcs = [checksum(self.layout, self._staged[i]) for i in whole]
+                self._store.marks[whole[0] : whole[-1] + 1] = np.array(crcs)
+                for i in whole:
+                    del self._staged[i]
+                    self._token_written.pop(i, None)
+                self.done.update(whole)
 
     def finish(self) -> None:
         """Mark the store complete (every sample must be in) and release it."""
         if self.complete:
             return
+        self.flush()
         missing = int((self._store.marks[:] < 0).sum())
         if missing:
             raise MimicError(
@@ -342,7 +389,9 @@ class CacheWriter:
 
 
 class AsyncWriter:
-    """Runs ``writer.write`` in one background thread so the teacher's next forward overlaps compression and I/O.
+    """Runs ``writer.write_many`` in one background thread so the teacher's next forward overlaps compression
+    and I/O. Writes are staged (whole shards as they fill); ``close`` or leaving the ``with`` block, by an
+    exception too, writes the rest, so an interrupted run keeps every sample the teacher finished.
 
     Submitted tensors are moved to CPU (CPU tensors are not copied: do not modify them after submit). An error
     in the thread is raised by the next ``submit`` or by ``close``. One thread keeps writes sequential, which
@@ -358,11 +407,15 @@ class AsyncWriter:
 
     def _run(self) -> None:
         while (samples := self._queue.get()) is not None:
-            if self._error is None:  # after a failure, queued jobs are dropped
-                try:
-                    self.writer.write_many(samples)
-                except BaseException as err:  # handed to the caller's thread
-                    self._error = err
+            self._call(self.writer.write_many, samples, False)  # staged: whole shards are written as they fill
+        self._call(self.writer.flush)
+
+    def _call(self, fn, *args) -> None:
+        if self._error is None:  # after a failure, queued jobs are dropped
+            try:
+                fn(*args)
+            except BaseException as err:  # handed to the caller's thread
+                self._error = err
 
     def _raise_pending(self) -> None:
         if self._error is not None:

@@ -42,6 +42,7 @@ class ExtractConfig:
     layers: list[int] | None  # recorded layers; null = all
     codec: str  # lossless (teacher dtype, Blosc zstd + bitshuffle) or int8 (per-token scale)
     topk: int  # teacher logits kept per answer token (0 = none); for KL baselines
+    chunk_tokens: int  # tokens per store chunk (x layers x hidden); 0 = auto, ~2 MiB; a shard holds 4 chunks
     batch_size: int  # teacher prompts per forward
     seed: int  # ICD sampling seed
 

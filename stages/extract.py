@@ -53,6 +53,7 @@ def extract(params_path: Path, out: Path, overrides: list[str], replace: bool = 
         dtype=params.model.dtype,
         codec=ex.codec,
         topk=ex.topk,
+        chunk_tokens=ex.chunk_tokens,
     )
     fingerprint = teacher_fingerprint(params, loaded, splits, layers)
     if replace and written_for_other_run(out, fingerprint, layout):

@@ -204,6 +204,56 @@ def test_rerun_of_complete_store_changes_nothing(tmp_path):
     assert snapshot(tmp_path / "c") == before
 
 
+class RecordingArray:
+    """Stands in for a store array and records the token-axis slice of every write."""
+
+    def __init__(self, array) -> None:
+        self.array, self.writes = array, []
+
+    def __setitem__(self, key, value) -> None:
+        self.writes.append((key[1].start, key[1].stop))
+        self.array[key] = value
+
+
+@pytest.mark.parametrize("codec", ["lossless", "int8"])
+def test_staged_writes_go_shard_by_shard(tmp_path, codec):
+    layout = small_layout(codec=codec)  # 16 tokens per chunk, 4 chunks per shard: 64-row shards
+    shard = 64
+    samples = make_samples(layout, 16)
+    ends = np.cumsum(counts(samples)[0])
+    writer = CacheWriter.open(tmp_path / "c", FINGERPRINT, layout, *counts(samples))
+    name = "states" if codec == "lossless" else "states_q"
+    recorder = writer._store.arrays[name] = RecordingArray(writer._store.arrays[name])
+    for first in range(0, 16, 3):
+        writer.write_many([(i, *samples[i]) for i in range(first, min(first + 3, 16))], flush=False)
+        # exactly the samples that end at or before the last whole shard written so far are marked
+        cut = max((stop for _, stop in recorder.writes), default=0)
+        assert writer.done == {i for i in range(16) if ends[i] <= cut}
+        assert all(stop % shard == 0 for _, stop in recorder.writes)
+    assert len(writer.done) < 16, "nothing was left staged"
+    writer.finish()
+    writes = recorder.writes
+    assert writes[0][0] == 0 and writes[-1][1] == ends[-1]
+    assert all(a[1] == b[0] for a, b in zip(writes, writes[1:])), "writes must tile the token axis"
+    assert len(writes) == -(-int(ends[-1]) // shard), "one write per shard"
+    write_store(tmp_path / "ref", layout, samples)
+    assert_same_store(tmp_path / "c", tmp_path / "ref")
+
+
+def test_staged_writes_in_any_order_equal_direct_writes(tmp_path):
+    layout = small_layout(dtype="bfloat16")
+    samples = make_samples(layout, 20, seed=3)
+    writer = CacheWriter.open(tmp_path / "c", FINGERPRINT, layout, *counts(samples))
+    writer.write_many([(i, *samples[i]) for i in (7, 8, 9, 2)], flush=False)
+    with pytest.raises(MimicError, match="sample 8 is already written"):
+        writer.write_many([(8, *samples[8])], flush=False)
+    for batch in ([3, 4, 0], [1, 15, 16, 17], [18, 19, 5, 6], [10, 11, 12, 13, 14]):
+        writer.write_many([(i, *samples[i]) for i in batch], flush=False)
+    writer.finish()
+    write_store(tmp_path / "ref", layout, samples)
+    assert_same_store(tmp_path / "c", tmp_path / "ref")
+
+
 def test_async_writer_round_trip_and_error(tmp_path):
     layout = small_layout(dtype="bfloat16")
     samples = make_samples(layout, 6)
@@ -322,14 +372,15 @@ JOB = textwrap.dedent(
         states = torch.randn(4, tokens[i], 128, generator=g).to(torch.bfloat16)
         return states, torch.randn(answers[i], 4, generator=g), torch.randint(0, 50000, (answers[i], 4), generator=g)
 
-    def run(path, pause=0.0):
+    def run(path, pause=0.0, staged=False):
+        # staged: pairs of samples go through write_many(flush=False), which leaves samples half written
         print("creating", flush=True)
         writer = CacheWriter.open(path, FINGERPRINT, LAYOUT, *counts())
-        for i in [i for i in ORDER if i not in writer.done]:
-            states, values, indices = sample(i)
-            print("begin", i, flush=True)
-            writer.write(i, states, values, indices)
-            print("end", i, flush=True)
+        todo = [i for i in ORDER if i not in writer.done]
+        for pair in [todo[j : j + 2] for j in range(0, len(todo), 2)] if staged else [[i] for i in todo]:
+            print("begin", pair, flush=True)
+            writer.write_many([(i, *sample(i)) for i in pair], flush=not staged)
+            print("end", pair, flush=True)
             time.sleep(pause)
         writer.finish()
         print("done", flush=True)
@@ -343,7 +394,7 @@ JOB = textwrap.dedent(
         if pid == 0:
             os.close(read)
             os.dup2(write, 1)
-            run(path, pause=0.01)
+            run(path, pause=0.01, staged=STAGED)
             os._exit(0)
         os.close(write)
         with os.fdopen(read) as lines:
@@ -375,8 +426,8 @@ JOB = textwrap.dedent(
         # Driver: kill one job after another on the same store, keeping a copy of the store after each kill.
         import zarr.storage._local as local
         local._put = put_in_two_halves
-        path, copies = Path(sys.argv[1]), Path(sys.argv[2])
-        for k, spec in enumerate(sys.argv[3:]):
+        path, copies, STAGED = Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3] == "staged"
+        for k, spec in enumerate(sys.argv[4:]):
             trigger, count, delay = spec.split(":")
             kill(path, trigger, int(count), float(delay))
             print("half-created" if list(path.parent.glob(f".{path.name}.creating-*")) else "", flush=True)
@@ -390,10 +441,14 @@ KILLS = [":0:0", "put:2:0", "put:6:0", "put:9:0", "begin:1:0", "put:1:0", "put:2
 KILLS += [f"begin:{1 + k % 2}:{delay}" for k, delay in enumerate((0.002, 0.006, 0.01))] + [
     "put:5:0",
     "put:4:0.001",
+    "end:3:0",  # later kills: staged runs mark samples only once a shard fills
+    "put:12:0",
+    "put:9:0",
 ]
 
 
-def test_sigkill_at_any_moment_then_rerun_equals_uninterrupted_run(tmp_path):
+@pytest.mark.parametrize("mode", ["direct", "staged"])
+def test_sigkill_at_any_moment_then_rerun_equals_uninterrupted_run(tmp_path, mode):
     script = tmp_path / "job.py"
     script.write_text(JOB)
     spec = importlib.util.spec_from_file_location("cache_job", script)
@@ -405,7 +460,7 @@ def test_sigkill_at_any_moment_then_rerun_equals_uninterrupted_run(tmp_path):
     path, copies = tmp_path / "killed", tmp_path / "copies"
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     driver = subprocess.run(
-        [sys.executable, str(script), str(path), str(copies), *KILLS],
+        [sys.executable, str(script), str(path), str(copies), mode, *KILLS],
         env=env,
         cwd=REPO,
         capture_output=True,
@@ -415,21 +470,27 @@ def test_sigkill_at_any_moment_then_rerun_equals_uninterrupted_run(tmp_path):
     assert driver.returncode == 0, driver.stderr[-2000:]
     assert "half-created" in driver.stdout, "no kill landed while the store was being created"
     assert list(copies.rglob("*.partial")), "no kill landed in the middle of a file write"
-    marked_after_kill = []
+    marked_after_kill, half_written = [], 0
     for copy in sorted(
         copies.iterdir(), key=lambda p: int(p.name)
     ):  # every sample marked so far is exactly right
         store = cache_store._Store(copy, "r")
         marked = np.flatnonzero(store.marks[:] >= 0).tolist()
         marked_after_kill.append(len(marked))
+        states, offsets = store.arrays["states"][:], store.offsets["tokens"]
+        for i in set(range(len(store))) - set(marked):  # unmarked, some of its token rows in place
+            written = np.abs(states[:, offsets[i] : offsets[i + 1]].astype(np.float32)).sum(axis=(0, 2)) > 0
+            half_written += bool(written.any() and not written.all())
         assert not store.complete
         for i, got in zip(marked, CacheReader(store, verify=True).read_many(marked), strict=True):
             assert all(torch.equal(u, v) for u, v in zip(got, reference.read(i), strict=True)), (
                 f"{copy}: sample {i}"
             )
     assert marked_after_kill[-1] > 0 and marked_after_kill == sorted(marked_after_kill)
+    if mode == "staged":
+        assert half_written, "no kill left a sample half written"
 
-    job.run(path)
+    job.run(path, staged=mode == "staged")
     assert_same_store(path, tmp_path / "reference")
     assert not list(tmp_path.glob(".killed.creating-*"))
 

@@ -109,7 +109,7 @@ def test_sigkill_then_rerun_equals_uninterrupted_run(store, tmp_path):
         "extract",
         "--out",
         str(out),
-        *overrides("extract.batch_size=2"),
+        *overrides("extract.batch_size=2", "extract.chunk_tokens=16"),  # shards of 64 tokens: ~2 samples
     ]
     proc = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 120
@@ -123,7 +123,7 @@ def test_sigkill_then_rerun_equals_uninterrupted_run(store, tmp_path):
     result = cli("train", "--cache", out, "--run-dir", tmp_path / "run", *overrides())
     assert result.returncode == 2 and result.stderr.strip().splitlines()[-1].startswith("mimic: error:")
     assert "incomplete (" in result.stderr.strip().splitlines()[-1]
-    cli("extract", "--out", out, *overrides("extract.batch_size=2"), check=True)
+    cli("extract", "--out", out, *overrides("extract.batch_size=2", "extract.chunk_tokens=16"), check=True)
     resumed, _ = read_all(out)
     reference, _ = read_all(store)
     assert len(resumed) == len(reference)
