@@ -100,7 +100,9 @@ def attention_with_lse(
         fused = q.device.type == "cpu" and q.dtype in FUSED_DTYPES
     if fused:
         if not (torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)):
-            return _flash_cpu(q, k, v, 0.0, is_causal, attn_mask=mask, scale=scale)  # inference: no autograd node
+            return _flash_cpu(
+                q, k, v, 0.0, is_causal, attn_mask=mask, scale=scale
+            )  # inference: no autograd node
         return _FlashWithLSE.apply(q, k, v, mask, is_causal, scale)
     return _materialized(q, k, v, mask, is_causal, scale)
 

@@ -165,7 +165,9 @@ class CacheWriter:
             for partial in self.path.rglob("*.partial"):  # temp files of writes cut short by a kill
                 partial.unlink()
         self.done: set[int] = set(np.flatnonzero(store.marks[:] >= 0).tolist())
-        self._staged: dict[int, dict[str, np.ndarray]] = {}  # encoded, not yet marked (write_many flush=False)
+        self._staged: dict[
+            int, dict[str, np.ndarray]
+        ] = {}  # encoded, not yet marked (write_many flush=False)
         self._token_written: dict[int, int] = {}  # staged sample -> token row its written part ends at
         self._shard_rows = self.layout.token_chunk * self.layout.shard_chunks
 
@@ -307,7 +309,9 @@ class CacheWriter:
         self._staged.update(encoded)
         self._write_staged(all_rows=flush)
         offsets = self._store.offsets["tokens"]
-        unwritten = sum(int(offsets[i + 1]) - self._token_written.get(i, int(offsets[i])) for i in self._staged)
+        unwritten = sum(
+            int(offsets[i + 1]) - self._token_written.get(i, int(offsets[i])) for i in self._staged
+        )
         if unwritten >= 2 * self._shard_rows:  # scattered samples (a resumed run) may never fill a shard
             self.flush()
 
@@ -407,7 +411,9 @@ class AsyncWriter:
 
     def _run(self) -> None:
         while (samples := self._queue.get()) is not None:
-            self._call(self.writer.write_many, samples, False)  # staged: whole shards are written as they fill
+            self._call(
+                self.writer.write_many, samples, False
+            )  # staged: whole shards are written as they fill
         self._call(self.writer.flush)
 
     def _call(self, fn, *args) -> None:

@@ -28,7 +28,9 @@ class Family:
     attention: str = "self_attn"  # attribute of a decoder layer: its self-attention module
     mlp: str = "mlp"  # attribute of a decoder layer: its MLP
     image_axis: int = 0  # processor image tensors: 0 = one flat list over the batch, 1 = [batch, images, ...]
-    segment_prompts: bool = True  # False: its processor cannot tokenize one round at a time (see docs/method.md)
+    segment_prompts: bool = (
+        True  # False: its processor cannot tokenize one round at a time (see docs/method.md)
+    )
 
 
 FAMILIES: tuple[Family, ...] = (

@@ -56,7 +56,9 @@ def test_samples_equal_what_the_hooks_saw(store):
         chunk = list(range(first, min(first + bs, len(samples))))
         batch, lengths = teacher_batch(builder, samples, chunk)
         with torch.no_grad():
-            seen, _ = forward_query_states(loaded.model, loaded.adapter, batch, lengths, "mlp", layers, topk=3)
+            seen, _ = forward_query_states(
+                loaded.model, loaded.adapter, batch, lengths, "mlp", layers, topk=3
+            )
         for row, j in enumerate(chunk):
             states = got[j][0]
             assert states.shape == (len(layers), lengths[row], loaded.adapter.geometry.hidden_size)
