@@ -107,7 +107,10 @@ class _Store:
         self.complete = bool(attrs["complete"])
         self.offsets = {"tokens": group["token_offsets"][:], "answers": group["answer_offsets"][:]}
         self.specs = array_specs(self.layout)
-        self.arrays = {spec.name: group[spec.name] for spec in self.specs}
+        # write_empty_chunks: skip zarr's per-chunk "all fill value?" scan; states are never all zero
+        self.arrays = {
+            spec.name: group[spec.name].with_config({"write_empty_chunks": True}) for spec in self.specs
+        }
         self.marks = group["sample_crc"]
 
     def __len__(self) -> int:
@@ -399,11 +402,13 @@ class AsyncWriter:
 
     Submitted tensors are moved to CPU (CPU tensors are not copied: do not modify them after submit). An error
     in the thread is raised by the next ``submit`` or by ``close``. One thread keeps writes sequential, which
-    the store's crash safety relies on.
+    the store's crash safety relies on. With ``overlap=False`` each submit waits for its write: for a teacher
+    that keeps every core busy (on the CPU), where a concurrent writer only competes with it. The write still
+    runs in the thread, so Ctrl-C never cuts it short.
     """
 
-    def __init__(self, writer: CacheWriter, max_pending: int = 4) -> None:
-        self.writer = writer
+    def __init__(self, writer: CacheWriter, max_pending: int = 4, overlap: bool = True) -> None:
+        self.writer, self.overlap = writer, overlap
         self._queue: queue.Queue = queue.Queue(maxsize=max(1, max_pending))
         self._error: BaseException | None = None
         self._thread = threading.Thread(target=self._run, name="cache-writer", daemon=True)
@@ -414,6 +419,7 @@ class AsyncWriter:
             self._call(
                 self.writer.write_many, samples, False
             )  # staged: whole shards are written as they fill
+            self._queue.task_done()
         self._call(self.writer.flush)
 
     def _call(self, fn, *args) -> None:
@@ -446,12 +452,15 @@ class AsyncWriter:
         while True:
             try:
                 self._queue.put(cpu, timeout=0.1)
-                return
+                break
             except queue.Full:
                 self._raise_pending()
+        if not self.overlap:
+            self._queue.join()
+            self._raise_pending()
 
     def close(self) -> None:
-        """Wait for every queued write; raise the first error the thread met."""
+        """Wait for every queued write and write what is staged; raise the first error the thread met."""
         if self._thread.is_alive():
             self._queue.put(None)
             self._thread.join()

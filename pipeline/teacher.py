@@ -40,15 +40,22 @@ def forward_query_states(
     site: str,
     layers: Sequence[int],
     topk: int = 0,
+    all_logits: bool = True,
 ) -> tuple[QueryStates, torch.Tensor]:
     """Run the model once, recording `site` in `layers`; returns the gathered states and the logits [B, T, V].
 
+    With ``all_logits=False`` (the teacher) the LM head runs only where top-k logits are kept, on the last
+    max(lengths) positions, or on the last position when topk is 0 (transformers' ``logits_to_keep``): the
+    [B, T, vocab] logits of k-shot prompts are the teacher's largest activation on real models.
     Gradients flow if enabled by the caller (the student); the teacher calls this under torch.no_grad().
     """
     device = next(model.parameters()).device
+    longest = max(lengths)
+    keep = 0 if all_logits else (longest if topk else 1)
     with record_sites(adapter, site, layers) as recorded:
-        logits = model(**model_inputs(batch, device)).logits
-    stacked = torch.stack([recorded[layer] for layer in layers], 1)  # (B, L, T, hidden)
+        logits = model(**model_inputs(batch, device), logits_to_keep=keep).logits  # (B, T or keep, V)
+    # copy only the query+answer span, not the demonstrations
+    stacked = torch.stack([recorded[layer][:, -longest:] for layer in layers], 1)  # (B, L, n_max, hidden)
     states = [
         s.transpose(0, 1) for s in last_tokens(stacked.transpose(1, 2), lengths)
     ]  # each (L, n_i, hidden)
@@ -60,6 +67,7 @@ def forward_query_states(
         # the logit predicting answer token t sits one position earlier
         predicting = torch.zeros_like(mask)
         predicting[:, :-1] = mask[:, 1:]
+        predicting = predicting[:, mask.shape[1] - logits.shape[1] :]  # the positions whose logits were kept
         top = logits.float().topk(topk, dim=-1)
         values = [top.values[i][predicting[i]] for i in range(len(lengths))]
         indices = [top.indices[i][predicting[i]] for i in range(len(lengths))]

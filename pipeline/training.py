@@ -74,7 +74,7 @@ class OnlineTargets:
         for indices in self.batches:
             batch, lengths = teacher_batch(builder, samples, indices)
             with torch.no_grad(), _disabled(shift):
-                got, _ = forward_query_states(model, adapter, batch, lengths, site, layers)
+                got, _ = forward_query_states(model, adapter, batch, lengths, site, layers, all_logits=False)
             yield got.states
 
 

@@ -66,8 +66,11 @@ def extract(params_path: Path, out: Path, overrides: list[str], replace: bool = 
         return store_stats(out)
     log.info("extracting %d of %d samples (k=%d, M=%d) into %s", len(todo), len(samples), ex.k, ex.m, out)
     start = time.perf_counter()
+    # On an accelerator the writer thread overlaps compression and I/O with the forward; a CPU teacher keeps
+    # every core busy, so there a concurrent writer only competes with it (slower: benchmarks/extract.py).
+    overlap = torch.device(params.model.device).type != "cpu"
     with (
-        AsyncWriter(writer) as background,
+        AsyncWriter(writer, overlap=overlap) as background,
         torch.no_grad(),
         tqdm(total=len(todo), desc="extract", unit="sample") as bar,
     ):
@@ -75,7 +78,7 @@ def extract(params_path: Path, out: Path, overrides: list[str], replace: bool = 
             chunk = todo[first : first + ex.batch_size]
             batch, lengths = teacher_batch(builder, samples, chunk)
             got, _ = forward_query_states(
-                loaded.model, loaded.adapter, batch, lengths, ex.site, layers, ex.topk
+                loaded.model, loaded.adapter, batch, lengths, ex.site, layers, ex.topk, all_logits=False
             )
             background.submit_many(
                 [

@@ -254,26 +254,41 @@ def test_staged_writes_in_any_order_equal_direct_writes(tmp_path):
     assert_same_store(tmp_path / "c", tmp_path / "ref")
 
 
-def test_async_writer_round_trip_and_error(tmp_path):
+@pytest.mark.parametrize("overlap", [True, False])
+def test_async_writer_round_trip_and_error(tmp_path, overlap):
     layout = small_layout(dtype="bfloat16")
     samples = make_samples(layout, 6)
     writer = CacheWriter.open(tmp_path / "c", FINGERPRINT, layout, *counts(samples))
-    with AsyncWriter(writer, max_pending=2) as background:
+    with AsyncWriter(writer, max_pending=2, overlap=overlap) as background:
         for i in reversed(range(6)):
             background.submit(i, *samples[i])
+            if not overlap:  # each submit returns once its samples are written or staged
+                assert i in writer.done or i in writer._staged
     writer.finish()
     write_store(tmp_path / "ref", layout, samples)
     assert_same_store(tmp_path / "c", tmp_path / "ref")
 
     writer = CacheWriter.open(tmp_path / "bad", FINGERPRINT, layout, *counts(samples))
-    background = AsyncWriter(writer, max_pending=1)
-    background.submit(0, samples[0][0][:, :0], *samples[0][1:])  # wrong token count: fails in the thread
+    background = AsyncWriter(writer, max_pending=1, overlap=overlap)
+    bad = (0, samples[0][0][:, :0], *samples[0][1:])  # wrong token count: fails in the thread
     with pytest.raises(MimicError, match="sample 0: states"):
+        background.submit(*bad)
+        assert overlap, "without overlap the failing submit itself raises"
         for i in range(1, 6):
             background.submit(i, *samples[i])
             time.sleep(0.05)
         background.close()
     writer.close()
+
+
+def test_async_writer_keeps_finished_samples_when_the_caller_fails(tmp_path):
+    layout = small_layout()
+    samples = make_samples(layout, 8)
+    writer = CacheWriter.open(tmp_path / "c", FINGERPRINT, layout, *counts(samples))
+    with pytest.raises(KeyboardInterrupt), AsyncWriter(writer) as background:
+        background.submit_many([(i, *samples[i]) for i in range(5)])
+        raise KeyboardInterrupt  # Ctrl-C in the teacher loop: staged samples are still written and marked
+    assert writer.done == set(range(5)) and writer.missing() == [5, 6, 7]
 
 
 def test_read_many_groups_neighbours(tmp_path, monkeypatch):

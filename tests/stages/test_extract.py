@@ -56,9 +56,14 @@ def test_samples_equal_what_the_hooks_saw(store):
         chunk = list(range(first, min(first + bs, len(samples))))
         batch, lengths = teacher_batch(builder, samples, chunk)
         with torch.no_grad():
-            seen, _ = forward_query_states(
+            seen, logits = forward_query_states(
                 loaded.model, loaded.adapter, batch, lengths, "mlp", layers, topk=3
             )
+            _, kept = forward_query_states(
+                loaded.model, loaded.adapter, batch, lengths, "mlp", layers, topk=3, all_logits=False
+            )
+        # extract (all_logits=False) ran the LM head on the query+answer span only, and stored the same top-k
+        assert kept.shape == (len(chunk), max(lengths), logits.shape[-1]) and logits.shape[1] > max(lengths)
         for row, j in enumerate(chunk):
             states = got[j][0]
             assert states.shape == (len(layers), lengths[row], loaded.adapter.geometry.hidden_size)
