@@ -53,7 +53,10 @@ def forward_query_states(
     longest = max(lengths)
     keep = 0 if all_logits else (longest if topk else 1)
     with record_sites(adapter, site, layers) as recorded:
-        logits = model(**model_inputs(batch, device), logits_to_keep=keep).logits  # (B, T or keep, V)
+        # use_cache=False: no generation follows, so no per-layer K/V cache is built and kept alive
+        logits = model(
+            **model_inputs(batch, device), logits_to_keep=keep, use_cache=False
+        ).logits  # (B, T|keep, V)
     # copy only the query+answer span, not the demonstrations
     stacked = torch.stack([recorded[layer][:, -longest:] for layer in layers], 1)  # (B, L, n_max, hidden)
     states = [
