@@ -1,7 +1,7 @@
 """`mimic extract`: run the k-shot teacher once and cache its per-layer query+answer states in a Zarr store.
 
 Recipe: params -> model -> splits -> ICD sets -> prompts -> (resume) -> batched teacher forwards with hooks ->
-background writes -> mark complete -> report size and compression.
+staged writes (in a background thread on an accelerator) -> mark complete -> report size and compression.
 """
 
 from __future__ import annotations
@@ -16,7 +16,8 @@ import torch
 import zarr
 from tqdm import tqdm
 
-from pipeline.cache_store import AsyncWriter, CacheWriter, Layout, store_stats
+from pipeline.cache_store import Layout, store_stats
+from pipeline.cache_writer import AsyncWriter, CacheWriter
 from pipeline.config import load_params
 from pipeline.fingerprint import teacher_fingerprint
 from pipeline.models import load_model
@@ -70,7 +71,7 @@ def extract(params_path: Path, out: Path, overrides: list[str], replace: bool = 
     # every core busy, so there a concurrent writer only competes with it (slower: benchmarks/extract.py).
     overlap = torch.device(params.model.device).type != "cpu"
     with (
-        AsyncWriter(writer, overlap=overlap) as background,
+        AsyncWriter(writer, overlap=overlap) as writes,
         torch.no_grad(),
         tqdm(total=len(todo), desc="extract", unit="sample") as bar,
     ):
@@ -80,7 +81,7 @@ def extract(params_path: Path, out: Path, overrides: list[str], replace: bool = 
             got, _ = forward_query_states(
                 loaded.model, loaded.adapter, batch, lengths, ex.site, layers, ex.topk, all_logits=False
             )
-            background.submit_many(
+            writes.submit_many(
                 [
                     (
                         j,

@@ -16,7 +16,9 @@ import torch
 import zarr
 
 import pipeline.cache_store as cache_store
-from pipeline.cache_store import AsyncWriter, CacheReader, CacheWriter, Layout, store_stats
+import pipeline.cache_writer as cache_writer
+from pipeline.cache_store import CacheReader, Layout, store_stats
+from pipeline.cache_writer import AsyncWriter, CacheWriter
 from pipeline.errors import MimicError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -174,7 +176,7 @@ def test_incomplete_store_is_refused_and_resumed(tmp_path, monkeypatch):
         with pytest.raises(MimicError, match="being written by another process"):
             CacheWriter.open(path, FINGERPRINT, layout, *counts(samples))
         # A crash after sample 0's data is in place but before its marker: it must count as missing.
-        monkeypatch.setattr(cache_store, "checksum", lambda *a: (_ for _ in ()).throw(KeyboardInterrupt))
+        monkeypatch.setattr(cache_writer, "checksum", lambda *a: (_ for _ in ()).throw(KeyboardInterrupt))
         with pytest.raises(KeyboardInterrupt):
             writer.write(0, *samples[0])
         monkeypatch.undo()
@@ -370,7 +372,8 @@ JOB = textwrap.dedent(
     import os, shutil, signal, sys, time
     from pathlib import Path
     import torch
-    from pipeline.cache_store import CacheWriter, Layout
+    from pipeline.cache_store import Layout
+    from pipeline.cache_writer import CacheWriter
 
     N = 14
     LAYOUT = Layout(num_layers=4, hidden_size=128, dtype="bfloat16", topk=4, chunk_tokens=16, shard_chunks=4)
