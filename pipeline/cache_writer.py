@@ -37,6 +37,9 @@ from pipeline.errors import MimicError
 
 __all__ = ["AsyncWriter", "CacheWriter"]
 
+# (i, states [L, T_i, H], topk_values [A_i, K] or None, topk_indices [A_i, K] or None): one sample to write
+Item = tuple[int, torch.Tensor, torch.Tensor | None, torch.Tensor | None]
+
 
 class CacheWriter:
     """Writes teacher samples into a store; reopening the same path resumes it, a complete store is left as is."""
@@ -159,7 +162,7 @@ class CacheWriter:
 
     def write_many(
         self,
-        samples: list[tuple[int, torch.Tensor, torch.Tensor | None, torch.Tensor | None]],
+        samples: list[Item],
         flush: bool = True,
     ) -> None:
         """Store several samples (each run of consecutive indices is one slice write per array).
@@ -330,9 +333,7 @@ class AsyncWriter:
         """Queue sample i for writing; blocks while ``max_pending`` writes are queued."""
         self.submit_many([(i, states, topk_values, topk_indices)])
 
-    def submit_many(
-        self, samples: list[tuple[int, torch.Tensor, torch.Tensor | None, torch.Tensor | None]]
-    ) -> None:
+    def submit_many(self, samples: list[Item]) -> None:
         """Queue several samples (a batch of the teacher) as one `write_many`; blocks while full."""
         self._raise_pending()
         cpu = [(i, *(None if x is None else x.detach().to("cpu") for x in rest)) for i, *rest in samples]

@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 import transformers as tf
+from tokenizers import AddedToken, Tokenizer, models, normalizers, pre_tokenizers
 
 TEXT = dict(
     vocab_size=96,
@@ -22,23 +23,28 @@ TEXT = dict(
 )
 IMAGE_TOKEN = 5
 MROPE = dict(rope_scaling=dict(type="mrope", mrope_section=[1, 1, 2]))
+VISION = dict(hidden_size=16, intermediate_size=32, num_attention_heads=2, image_size=16, patch_size=4)
 QWEN_VISION = dict(
     depth=1, num_heads=2, in_channels=3, patch_size=2, spatial_merge_size=2, temporal_patch_size=2
 )
+
+
+def word_level_tokenizer(special: list[str], words: list[str], **tokens) -> tf.PreTrainedTokenizerFast:
+    """A lower-casing whitespace WordLevel tokenizer: ids are special + words in order, "\\n" kept as a token;
+    `tokens` are PreTrainedTokenizerFast's (bos_token=..., extra_special_tokens=...)."""
+    backend = Tokenizer(models.WordLevel({w: i for i, w in enumerate(special + words)}, unk_token="<unk>"))
+    backend.normalizer = normalizers.Lowercase()
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    backend.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in special])
+    backend.add_tokens([AddedToken("\n", normalized=False)])
+    return tf.PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>", **tokens)
 
 
 def _idefics2():
     return tf.Idefics2ForConditionalGeneration(
         tf.Idefics2Config(
             text_config=dict(model_type="mistral", **TEXT),
-            vision_config=dict(
-                hidden_size=16,
-                intermediate_size=32,
-                num_hidden_layers=1,
-                num_attention_heads=2,
-                image_size=16,
-                patch_size=4,
-            ),
+            vision_config=dict(num_hidden_layers=1, **VISION),
             perceiver_config=dict(
                 hidden_size=32,
                 resampler_n_latents=4,
@@ -76,15 +82,7 @@ def _llava_onevision():
     return tf.LlavaOnevisionForConditionalGeneration(
         tf.LlavaOnevisionConfig(
             text_config=dict(model_type="qwen2", **TEXT),
-            vision_config=dict(
-                model_type="siglip_vision_model",
-                hidden_size=16,
-                intermediate_size=32,
-                num_hidden_layers=2,
-                num_attention_heads=2,
-                image_size=16,
-                patch_size=4,
-            ),
+            vision_config=dict(model_type="siglip_vision_model", num_hidden_layers=2, **VISION),
             image_token_index=IMAGE_TOKEN,
         )
     )
@@ -94,15 +92,7 @@ def _llava():
     return tf.LlavaForConditionalGeneration(
         tf.LlavaConfig(
             text_config=dict(model_type="qwen2", **TEXT),
-            vision_config=dict(
-                model_type="clip_vision_model",
-                hidden_size=16,
-                intermediate_size=32,
-                num_hidden_layers=2,
-                num_attention_heads=2,
-                image_size=16,
-                patch_size=4,
-            ),
+            vision_config=dict(model_type="clip_vision_model", num_hidden_layers=2, **VISION),
             image_token_index=IMAGE_TOKEN,
         )
     )

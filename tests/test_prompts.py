@@ -5,10 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from conftest import build_tiny
+from conftest import build_tiny, word_level_tokenizer
 from PIL import Image
-from tokenizers import AddedToken, Tokenizer, models, normalizers, pre_tokenizers
-from transformers import Idefics2ImageProcessorPil, Idefics2Processor, PreTrainedTokenizerFast
+from transformers import Idefics2ImageProcessorPil, Idefics2Processor
 
 from pipeline.embedded.model import build_processor
 from pipeline.errors import MimicError
@@ -27,16 +26,11 @@ WORDS = ["\n", "question", ":", "short", "answer", "what", "is", "this", "?", "r
 
 
 def tiny_idefics2_processor() -> Idefics2Processor:
-    backend = Tokenizer(models.WordLevel({w: i for i, w in enumerate(SPECIAL + WORDS)}, unk_token="<unk>"))
-    backend.normalizer = normalizers.Lowercase()
-    backend.pre_tokenizer = pre_tokenizers.Whitespace()
-    backend.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in SPECIAL])
-    backend.add_tokens([AddedToken("\n", normalized=False)])
-    tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=backend,
+    tokenizer = word_level_tokenizer(
+        SPECIAL,
+        WORDS,
         bos_token="<s>",
         pad_token="<pad>",
-        unk_token="<unk>",
         extra_special_tokens={
             "image_token": "<image>",
             "image_boundary_token": "<fake_token_around_image>",

@@ -5,10 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from conftest import IMAGE_TOKEN, build_tiny
+from conftest import IMAGE_TOKEN, build_tiny, word_level_tokenizer
 from PIL import Image
-from tokenizers import AddedToken, Tokenizer, models, normalizers, pre_tokenizers
-from transformers import PreTrainedTokenizerFast, Qwen2VLImageProcessorPil, Qwen2VLProcessor
+from transformers import Qwen2VLImageProcessorPil, Qwen2VLProcessor
 
 from pipeline.families import Adapter, family_for
 from pipeline.prompts import PromptTemplate, assemble, bos_segment, collate, encode_round
@@ -36,17 +35,12 @@ class ImageOnlyQwen2VLProcessor(Qwen2VLProcessor):
 
 
 def tiny_qwen2vl_processor() -> Qwen2VLProcessor:
-    backend = Tokenizer(models.WordLevel({w: i for i, w in enumerate(SPECIAL + WORDS)}, unk_token="<unk>"))
-    backend.normalizer = normalizers.Lowercase()
-    backend.pre_tokenizer = pre_tokenizers.Whitespace()
-    backend.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in SPECIAL])
-    backend.add_tokens([AddedToken("\n", normalized=False)])
-    tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=backend,
+    tokenizer = word_level_tokenizer(
+        SPECIAL,
+        WORDS,
         bos_token="<s>",
         eos_token="</s>",
         pad_token="<pad>",
-        unk_token="<unk>",
         extra_special_tokens={"image_token": "<|image_pad|>", "video_token": "<|video_pad|>"},
     )
     # patch 2 x merge 2: sides become multiples of 4; at most 128 pixels keep an image to 2..8 tokens
