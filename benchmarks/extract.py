@@ -4,7 +4,7 @@
 
 "plain" runs the same batches (prompt assembly included) through the teacher with no hooks and no writes;
 "hooks" adds the recording hooks and the gathering of query+answer states, still no writes; "extract" is the
-stage's own loop: hooks, gathering, staged Zarr writes (in line: the teacher runs on the CPU). All three in
+stage's own loop: hooks, gathering, staged Zarr writes in a background thread. All three in
 this process, interleaved round by round. Timings on a shared 2-core VM drift by up to +-30% between rounds,
 so two ratios are printed: of the best times, and the median over rounds of each round's own ratio (the
 three runs of a round are seconds apart, so a slow spell slows all of them).

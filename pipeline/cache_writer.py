@@ -3,8 +3,9 @@ store and writes samples, directly or staged shard by shard; ``AsyncWriter`` fee
 
 Crash safety (the writer may be SIGKILLed at any instant; a rerun must equal an uninterrupted run):
 1. Every file write is atomic: zarr's LocalStore writes a temp file and renames it over the key
-   (``_atomic_write`` in zarr/storage/_local.py, zarr 3.1), so a chunk or shard file is always wholly its old
-   or its new version. A shard update is a read-modify-write of the whole file that ends in one rename.
+   (``_atomic_write`` in zarr/storage/_local.py, zarr 3.1), and so does ShardWriter for the shards written
+   whole (``pipeline/cache_shards.py``), so a chunk or shard file is always wholly its old or its new version.
+   A partial shard update is a read-modify-write of the whole file that ends in one rename.
 2. There is one writer at a time (an flock on the store directory; AsyncWriter uses a single thread) and its
    writes are sequential, so each read-modify-write starts from the latest file and carries the neighbours'
    bytes over unchanged: rewriting sample i cannot alter an already-marked sample.
@@ -19,19 +20,19 @@ zarr's crc32c codec guards every chunk and shard index, so such damage is report
 
 from __future__ import annotations
 
-import contextlib
 import fcntl
 import json
 import os
 import queue
 import threading
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
 import torch
-import zarr
 
-from pipeline.cache_codecs import TORCH_DTYPES, Layout, checksum, encode_sample
+from pipeline.cache_codecs import TORCH_DTYPES, ArraySpec, Layout, checksum, encode_sample
+from pipeline.cache_shards import ShardWriter
 from pipeline.cache_store import _create, _name, _offsets, _Store, first_difference
 from pipeline.errors import MimicError
 
@@ -58,6 +59,13 @@ class CacheWriter:
         ] = {}  # encoded, not yet marked (write_many flush=False)
         self._token_written: dict[int, int] = {}  # staged sample -> token row its written part ends at
         self._shard_rows = self.layout.token_chunk * self.layout.shard_chunks
+        # whole shards of the token axis bypass zarr's chunk pipeline; their chunks compress on all cores
+        self._shards = {
+            spec.name: ShardWriter.for_array(self.path / spec.name, store.arrays[spec.name], len(spec.lead))
+            for spec in store.specs
+            if spec.axis == "tokens"
+        }
+        self._pool: ThreadPoolExecutor | None = None  # started by the first whole-shard write
 
     @classmethod
     def open(
@@ -236,9 +244,7 @@ class CacheWriter:
                 if end > start:
                     block = np.concatenate([self._staged[i][spec.name] for i in ids], axis=len(spec.lead))
                     base = self._store.bounds(spec, ids[0], ids[0] + 1)[0]
-                    self._store.arrays[spec.name][spec.rows(start, end)] = spec.take(
-                        block, start - base, end - base
-                    )
+                    self._put(spec, start, end, spec.take(block, start - base, end - base))
             if len(whole) < len(run):
                 self._token_written[run[len(whole)]] = stop
             if whole:  # only now do these samples count as written: one marker write for the whole run
@@ -248,6 +254,26 @@ class CacheWriter:
                     del self._staged[i]
                     self._token_written.pop(i, None)
                 self.done.update(whole)
+
+    def _put(self, spec: ArraySpec, start: int, end: int, rows: np.ndarray) -> None:
+        """Write ``rows`` to rows [start, end) of spec's array: the shards it covers whole by ShardWriter, the rest
+        (a head or tail shard written in part) through zarr."""
+        shards, zarr_rows = self._shards.get(spec.name), [(start, end)]
+        if shards is not None:
+            n = shards.shard_rows
+            first, last = -(-start // n), end // n  # shards [first, last) are covered whole ...
+            if shards.rows(last) and last * n + shards.rows(last) == end:
+                last += 1  # ... and so is the array's last, shorter shard when rows reach the end
+            if last > first and self._pool is None:
+                self._pool = ThreadPoolExecutor(min(8, len(os.sched_getaffinity(0))), "cache-encode")
+            for shard in range(first, last):
+                a = shard * n
+                shards.write(shard, spec.take(rows, a - start, a + shards.rows(shard) - start), self._pool)
+            if last > first:
+                zarr_rows = [(start, first * n), (min(last * n, end), end)]
+        for a, b in zarr_rows:
+            if b > a:
+                self._store.arrays[spec.name][spec.rows(a, b)] = spec.take(rows, a - start, b - start)
 
     def finish(self) -> None:
         """Mark the store complete (every sample must be in) and release it."""
@@ -269,6 +295,9 @@ class CacheWriter:
         if self._lock_fd is not None:
             os.close(self._lock_fd)
             self._lock_fd = None
+        if getattr(self, "_pool", None) is not None:
+            self._pool.shutdown()
+            self._pool = None
 
     def __enter__(self) -> CacheWriter:
         return self
@@ -287,13 +316,12 @@ class AsyncWriter:
 
     Submitted tensors are moved to CPU (CPU tensors are not copied: do not modify them after submit). An error
     in the thread is raised by the next ``submit`` or by ``close``. One thread keeps writes sequential, which
-    the store's crash safety relies on. With ``overlap=False`` each submit waits for its write: for a teacher
-    that keeps every core busy (on the CPU), where a concurrent writer only competes with it. The write still
-    runs in the thread, so Ctrl-C never cuts it short.
+    the store's crash safety relies on; Ctrl-C in the caller never cuts a write short. Most of a write (Blosc,
+    crc32c, file I/O) runs without the GIL, so even a CPU teacher loses nothing to it (benchmarks/extract.py).
     """
 
-    def __init__(self, writer: CacheWriter, max_pending: int = 4, overlap: bool = True) -> None:
-        self.writer, self.overlap = writer, overlap
+    def __init__(self, writer: CacheWriter, max_pending: int = 4) -> None:
+        self.writer = writer
         self._queue: queue.Queue = queue.Queue(maxsize=max(1, max_pending))
         self._error: BaseException | None = None
         self._thread = threading.Thread(target=self._run, name="cache-writer", daemon=True)
@@ -304,18 +332,13 @@ class AsyncWriter:
             self._call(
                 self.writer.write_many, samples, False
             )  # staged: whole shards are written as they fill
-            self._queue.task_done()
         self._call(self.writer.flush)
 
     def _call(self, fn, *args) -> None:
         if self._error is not None:  # after a failure, queued jobs are dropped
             return
-        # Without overlap the cores are the teacher's: zarr's default 10 concurrent chunk tasks cost ~35% more
-        # CPU than one at a time on 2 cores and gain nothing; with overlap they spread compression over cores.
-        serial = contextlib.nullcontext() if self.overlap else zarr.config.set({"async.concurrency": 1})
         try:
-            with serial:
-                fn(*args)
+            fn(*args)
         except BaseException as err:  # handed to the caller's thread
             self._error = err
 
@@ -343,9 +366,6 @@ class AsyncWriter:
                 break
             except queue.Full:
                 self._raise_pending()
-        if not self.overlap:
-            self._queue.join()
-            self._raise_pending()
 
     def close(self) -> None:
         """Wait for every queued write and write what is staged; raise the first error the thread met."""

@@ -1,7 +1,7 @@
 """`mimic extract`: run the k-shot teacher once and cache its per-layer query+answer states in a Zarr store.
 
 Recipe: params -> model -> splits -> ICD sets -> prompts -> (resume) -> batched teacher forwards with hooks ->
-staged writes (in a background thread on an accelerator) -> mark complete -> report size and compression.
+staged writes in a background thread -> mark complete -> report size and compression.
 """
 
 from __future__ import annotations
@@ -67,11 +67,8 @@ def extract(params_path: Path, out: Path, overrides: list[str], replace: bool = 
         return store_stats(out)
     log.info("extracting %d of %d samples (k=%d, M=%d) into %s", len(todo), len(samples), ex.k, ex.m, out)
     start = time.perf_counter()
-    # On an accelerator the writer thread overlaps compression and I/O with the forward; a CPU teacher keeps
-    # every core busy, so there a concurrent writer only competes with it (slower: benchmarks/extract.py).
-    overlap = torch.device(params.model.device).type != "cpu"
     with (
-        AsyncWriter(writer, overlap=overlap) as writes,
+        AsyncWriter(writer) as writes,
         torch.no_grad(),
         tqdm(total=len(todo), desc="extract", unit="sample") as bar,
     ):
