@@ -89,29 +89,44 @@ class ShardWriter:
     def write(self, shard: int, block: np.ndarray, pool: Executor | None = None) -> None:
         """Encode and write shard number ``shard`` (along the axis) from ``block``, all its rows inside the array,
         atomically. The last shard's final chunk is padded with the fill value; chunks past the end are left out."""
-        rows = self.rows(shard)
-        if rows == 0 or block.shape[self.axis] != rows:
-            raise ValueError(f"shard {shard} needs all its {rows} rows inside the array, got {block.shape}")
-        take = [slice(None)] * block.ndim
-        chunks = []
-        for start in range(0, rows, self.chunk_rows):
-            take[self.axis] = slice(start, start + self.chunk_rows)
-            chunk = block[tuple(take)]
-            if chunk.shape[self.axis] < self.chunk_rows:  # the array's edge: zarr encodes whole chunks
-                pad = [(0, 0)] * block.ndim
-                pad[self.axis] = (0, self.chunk_rows - chunk.shape[self.axis])
-                chunk = np.pad(chunk, pad, constant_values=self._array.fill_value)
-            chunks.append(np.ascontiguousarray(chunk))
+        self.write_many([(shard, block)], pool)
+
+    def write_many(self, shards: list[tuple[int, np.ndarray]], pool: Executor | None = None) -> None:
+        """``write`` for several shards; the chunks of all of them are compressed at once on ``pool``."""
+        chunks, counts = [], []
+        for shard, block in shards:
+            rows = self.rows(shard)
+            if rows == 0 or block.shape[self.axis] != rows:
+                raise ValueError(
+                    f"shard {shard} needs all its {rows} rows inside the array, got {block.shape}"
+                )
+            counts.append(-(-rows // self.chunk_rows))
+            chunks += [self._chunk(block, start) for start in range(0, rows, self.chunk_rows)]
         encode = lambda chunk: _with_crc(self._blosc.encode(chunk))  # noqa: E731
-        parts = list(pool.map(encode, chunks) if pool else map(encode, chunks))  # [(blosc bytes, crc)]
-        index = np.full((self.shard_rows // self.chunk_rows, 2), 2**64 - 1, dtype="<u8")  # absent chunks
-        lengths = np.array([len(data) + 4 for data, _ in parts], dtype=np.uint64)
-        index[: len(parts), 1] = lengths  # (offset, length) per inner chunk, in file order
-        index[: len(parts), 0] = np.cumsum(lengths) - lengths
-        coords = [0] * block.ndim
-        coords[self.axis] = shard
-        key = self.directory / self._array.metadata.encode_chunk_key(tuple(coords))
-        _write_atomic(key, [piece for part in [*parts, _with_crc(index.tobytes())] for piece in part])
+        parts = iter(list(pool.map(encode, chunks) if pool else map(encode, chunks)))  # (blosc bytes, crc)
+        for (shard, block), count in zip(shards, counts, strict=True):
+            mine = [next(parts) for _ in range(count)]
+            index = np.full((self.shard_rows // self.chunk_rows, 2), 2**64 - 1, dtype="<u8")  # absent chunks
+            lengths = np.array([len(data) + 4 for data, _ in mine], dtype=np.uint64)
+            index[:count, 1] = lengths  # (offset, length) per inner chunk, in file order
+            index[:count, 0] = np.cumsum(lengths) - lengths
+            coords = [0] * block.ndim
+            coords[self.axis] = shard
+            key = self.directory / self._array.metadata.encode_chunk_key(tuple(coords))
+            _write_atomic(key, [piece for part in [*mine, _with_crc(index.tobytes())] for piece in part])
+
+    def _chunk(self, block: np.ndarray, start: int) -> np.ndarray:
+        """Rows [start, start + chunk_rows) of block, C-contiguous; the array's edge chunk padded as zarr does."""
+        take = [slice(None)] * block.ndim
+        take[self.axis] = slice(start, start + self.chunk_rows)
+        chunk = block[tuple(take)]
+        if (
+            chunk.shape[self.axis] < self.chunk_rows
+        ):  # zarr encodes edge chunks whole, fill value beyond the end
+            pad = [(0, 0)] * block.ndim
+            pad[self.axis] = (0, self.chunk_rows - chunk.shape[self.axis])
+            chunk = np.pad(chunk, pad, constant_values=self._array.fill_value)
+        return np.ascontiguousarray(chunk)
 
 
 def _write_atomic(path: Path, pieces: Iterable[bytes | np.ndarray]) -> None:

@@ -266,9 +266,11 @@ class CacheWriter:
                 last += 1  # ... and so is the array's last, shorter shard when rows reach the end
             if last > first and self._pool is None:
                 self._pool = ThreadPoolExecutor(min(8, len(os.sched_getaffinity(0))), "cache-encode")
-            for shard in range(first, last):
-                a = shard * n
-                shards.write(shard, spec.take(rows, a - start, a + shards.rows(shard) - start), self._pool)
+            whole = [
+                (shard, spec.take(rows, shard * n - start, shard * n + shards.rows(shard) - start))
+                for shard in range(first, last)
+            ]
+            shards.write_many(whole, self._pool)
             if last > first:
                 zarr_rows = [(start, first * n), (min(last * n, end), end)]
         for a, b in zarr_rows:

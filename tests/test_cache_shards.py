@@ -51,10 +51,12 @@ def test_whole_shards_match_zarr_bytes(tmp_path, shape, chunks, shards, dtype, a
     assert writer.rows(count) == 0
     rows = lambda a, b: tuple([slice(None)] * axis + [slice(a, b)])  # noqa: E731
     by_zarr[...] = data
-    with ThreadPoolExecutor(2) as pool:
-        for shard in range(count):
-            a = shard * writer.shard_rows
-            writer.write(shard, data[rows(a, a + writer.rows(shard))], pool if shard % 2 else None)
+    block = lambda shard: data[
+        rows(shard * writer.shard_rows, shard * writer.shard_rows + writer.rows(shard))
+    ]  # noqa: E731
+    with ThreadPoolExecutor(2) as pool:  # all but the last in one call, chunks compressed on two threads
+        writer.write_many([(shard, block(shard)) for shard in range(count - 1)], pool)
+    writer.write(count - 1, block(count - 1))
     files = lambda name: sorted(p for p in (tmp_path / "g" / name / "c").rglob("*") if p.is_file())  # noqa: E731
     ours, theirs = files("by_us"), files("by_zarr")
     assert [p.relative_to(tmp_path / "g" / "by_us") for p in ours] == [
@@ -91,3 +93,7 @@ def test_refuses_partial_or_outside_shards(tmp_path):
         writer.write(3, np.zeros((3, 32, 24), "float32"))  # rows 96..100 are the last shard's
     with pytest.raises(ValueError, match="needs all its 0 rows"):
         writer.write(4, np.zeros((3, 32, 24), "float32"))
+    ok = np.ones((3, 32, 24), "float32")
+    with pytest.raises(ValueError, match="needs all its 32 rows"):
+        writer.write_many([(0, ok), (1, ok[:, :31])])  # checked before anything is written
+    assert not list((tmp_path / "g" / "by_us").rglob("c/*"))

@@ -107,11 +107,12 @@ class RecordingArray:
         self.writes.append((key[1].start, key[1].stop))
         self.array[key] = value
 
-    def write(self, shard, block, pool=None) -> None:  # whole shards, bypassing zarr
-        start = shard * self.shards.shard_rows
-        self.writes.append((start, start + self.shards.rows(shard)))
-        self.via_shards.append(self.writes[-1])
-        self.shards.write(shard, block, pool)
+    def write_many(self, shards, pool=None) -> None:  # whole shards, bypassing zarr
+        for shard, _ in shards:
+            start = shard * self.shards.shard_rows
+            self.writes.append((start, start + self.shards.rows(shard)))
+            self.via_shards.append(self.writes[-1])
+        self.shards.write_many(shards, pool)
 
     def rows(self, shard) -> int:
         return self.shards.rows(shard)
