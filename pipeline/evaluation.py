@@ -50,7 +50,8 @@ def generate_answers(
                 do_sample=False,
                 eos_token_id=stops or None,
                 pad_token_id=tokenizer.pad_token_id,
-                length_penalty=0.0,
+                # beams rank by summed log-probability (no length normalisation); greedy takes no such flag
+                **({"length_penalty": 0.0} if num_beams > 1 else {}),
             )
         seconds += time.perf_counter() - start
         new = out[:, batch["input_ids"].shape[1] :]
