@@ -265,7 +265,7 @@ class CacheWriter:
             if shards.rows(last) and last * n + shards.rows(last) == end:
                 last += 1  # ... and so is the array's last, shorter shard when rows reach the end
             if last > first and self._pool is None:
-                self._pool = ThreadPoolExecutor(min(8, len(os.sched_getaffinity(0))), "cache-encode")
+                self._pool = ThreadPoolExecutor(min(8, _usable_cores()), "cache-encode")
             whole = [
                 (shard, spec.take(rows, shard * n - start, shard * n + shards.rows(shard) - start))
                 for shard in range(first, last)
@@ -309,6 +309,11 @@ class CacheWriter:
 
     def __del__(self) -> None:
         self.close()
+
+
+def _usable_cores() -> int:
+    """Cores this process may run on (the affinity mask where the OS has one, as in containers)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 class AsyncWriter:
