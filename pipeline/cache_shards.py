@@ -65,7 +65,6 @@ class ShardWriter:
             return None
         shard = codecs[0]
         inner, index = shard.codecs, shard.index_codecs
-        per_shard = [s // c for s, c in zip(array.shards, shard.chunk_shape, strict=True)]
         little = lambda c: isinstance(c, BytesCodec) and c.endian in (None, Endian.little)  # noqa: E731
         supported = (
             len(inner) == 3
@@ -76,7 +75,13 @@ class ShardWriter:
             and little(index[0])
             and isinstance(index[1], Crc32cCodec)
             and shard.index_location == ShardingCodecIndexLocation.end
-            and all(n == 1 for d, n in enumerate(per_shard) if d != axis)
+            # one chunk spans each other axis whole, so a shard is a run of chunks along the axis
+            and all(
+                array.shape[d] == array.shards[d] == shard.chunk_shape[d]
+                for d in range(array.ndim)
+                if d != axis
+            )
+            and array.config.write_empty_chunks  # zarr would leave all-fill chunks out; we write every chunk
             and sys.byteorder == "little"  # chunks are written as the machine holds them
             and meta.chunk_key_encoding.encode_chunk_key((0, 1)) == "c/0/1"
         )
@@ -96,13 +101,17 @@ class ShardWriter:
         chunks, counts = [], []
         for shard, block in shards:
             rows = self.rows(shard)
-            if rows == 0 or block.shape[self.axis] != rows:
-                raise ValueError(
-                    f"shard {shard} needs all its {rows} rows inside the array, got {block.shape}"
+            want = list(self._array.shape)
+            want[self.axis] = rows
+            if rows == 0 or list(block.shape) != want or block.dtype != self._array.dtype:
+                raise ValueError(  # raw bytes are written: zarr would cast, this must not guess
+                    f"shard {shard} needs all its {rows} rows inside the array: a {tuple(want)} "
+                    f"{self._array.dtype} block, got {block.shape} {block.dtype}"
                 )
             counts.append(-(-rows // self.chunk_rows))
-            chunks += [self._chunk(block, start) for start in range(0, rows, self.chunk_rows)]
-        encode = lambda chunk: _with_crc(self._blosc.encode(chunk))  # noqa: E731
+            chunks += [(block, start) for start in range(0, rows, self.chunk_rows)]
+        # copy (each chunk is a strided slice), compress and checksum chunk by chunk on the pool
+        encode = lambda job: _with_crc(self._blosc.encode(self._chunk(*job)))  # noqa: E731
         parts = iter(list(pool.map(encode, chunks) if pool else map(encode, chunks)))  # (blosc bytes, crc)
         for (shard, block), count in zip(shards, counts, strict=True):
             mine = [next(parts) for _ in range(count)]
@@ -134,7 +143,11 @@ def _write_atomic(path: Path, pieces: Iterable[bytes | np.ndarray]) -> None:
     old or new. A kill leaves the temp file, which CacheWriter removes on resume (``*.partial``)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f"{path.name}.shard-{uuid.uuid4().hex}.partial")
-    with open(tmp, "wb") as f:
-        for piece in pieces:
-            f.write(piece)
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            for piece in pieces:
+                f.write(piece)
+        os.replace(tmp, path)
+    except BaseException:  # an error or Ctrl-C: no stray temp file (a SIGKILL's is removed on resume)
+        tmp.unlink(missing_ok=True)
+        raise

@@ -49,6 +49,7 @@ class CacheWriter:
         self._store = store
         self.path, self.layout, self.complete = store.path, store.layout, store.complete
         self._lock_fd: int | None = None
+        self._closed = False
         if not self.complete:
             self._lock()
             for partial in self.path.rglob("*.partial"):  # temp files of writes cut short by a kill
@@ -182,6 +183,7 @@ class CacheWriter:
         """
         if self.complete:
             raise MimicError(f"{self.path} is complete; nothing to write (delete it to recompute)")
+        self._check_open()
         encoded: dict[int, dict[str, np.ndarray]] = {}
         for i, states, topk_values, topk_indices in samples:
             if not 0 <= i < len(self):
@@ -213,7 +215,13 @@ class CacheWriter:
 
     def flush(self) -> None:
         """Write and mark every staged sample."""
+        if self._staged:
+            self._check_open()
         self._write_staged(all_rows=True)
+
+    def _check_open(self) -> None:
+        if self._closed:  # it no longer holds the store's lock
+            raise MimicError(f"{self.path}: this writer is closed; reopen the store with CacheWriter.open")
 
     def _write_staged(self, all_rows: bool) -> None:
         """Write staged rows run by run: all of them, or only up to each run's last shard boundary on the
@@ -281,6 +289,7 @@ class CacheWriter:
         """Mark the store complete (every sample must be in) and release it."""
         if self.complete:
             return
+        self._check_open()
         self.flush()
         missing = int((self._store.marks[:] < 0).sum())
         if missing:
@@ -292,13 +301,15 @@ class CacheWriter:
         self.complete = True
         self.close()
 
-    def close(self) -> None:
-        """Release the write lock (a complete or killed writer holds none)."""
+    def close(self, wait: bool = True) -> None:
+        """Release the write lock (a complete or killed writer holds none) and the compression threads; a closed
+        writer writes nothing more (reopen the store to go on)."""
+        self._closed = True
         if self._lock_fd is not None:
             os.close(self._lock_fd)
             self._lock_fd = None
         if getattr(self, "_pool", None) is not None:
-            self._pool.shutdown()
+            self._pool.shutdown(wait=wait)
             self._pool = None
 
     def __enter__(self) -> CacheWriter:
@@ -308,7 +319,7 @@ class CacheWriter:
         self.close()
 
     def __del__(self) -> None:
-        self.close()
+        self.close(wait=False)  # garbage collection may run this on any thread
 
 
 def _usable_cores() -> int:

@@ -13,8 +13,9 @@ from pipeline.cache_shards import ShardWriter
 from pipeline.cache_store import _compressors
 
 
-def make_pair(root, shape, chunks, shards, dtype, compressors=None, **kwargs):
-    """Two identical arrays: one written by zarr, one by ShardWriter."""
+def make_pair(root, shape, chunks, shards, dtype, compressors=None, empty_chunks=True, **kwargs):
+    """Two identical arrays: one written by zarr, one by ShardWriter (as the cache opens them: every chunk
+    written, all-zero ones too)."""
     group = zarr.open_group(root, mode="w", zarr_format=3)
     make = lambda name: group.create_array(  # noqa: E731
         name,
@@ -26,13 +27,16 @@ def make_pair(root, shape, chunks, shards, dtype, compressors=None, **kwargs):
         fill_value=0,
         **kwargs,
     )
-    return make("by_zarr").with_config({"write_empty_chunks": True}), make("by_us")
+    config = {"write_empty_chunks": empty_chunks}
+    return make("by_zarr").with_config(config), make("by_us").with_config(config)
 
 
 @pytest.mark.parametrize(
     "shape, chunks, shards, dtype, axis",
     [
         ((3, 100, 24), (3, 8, 24), (3, 32, 24), "float32", 1),  # lossless float32 states [L, T, H]
+        ((3, 96, 24), (3, 8, 24), (3, 32, 24), "float16", 1),  # float16; a whole number of shards
+        ((2, 50, 8), (2, 4, 8), (2, 16, 8), "float64", 1),
         ((2, 70, 16), (2, 5, 16), (2, 20, 16), "uint16", 1),  # bfloat16 bit patterns
         ((3, 100, 24), (3, 8, 24), (3, 16, 24), "int8", 1),  # int8 states_q
         ((3, 100), (3, 8), (3, 32), "float32", 1),  # int8 scales [L, T]
@@ -46,14 +50,15 @@ def test_whole_shards_match_zarr_bytes(tmp_path, shape, chunks, shards, dtype, a
     by_zarr, by_us = make_pair(tmp_path / "g", shape, chunks, shards, dtype)
     writer = ShardWriter.for_array(tmp_path / "g" / "by_us", by_us, axis)
     assert writer is not None and writer.shard_rows == shards[axis]
-    count = -(-shape[axis] // shards[axis])  # the last shard sticks out of the array
-    assert writer.rows(count - 1) == shape[axis] - (count - 1) * shards[axis] < shards[axis]
-    assert writer.rows(count) == 0
+    count = -(-shape[axis] // shards[axis])  # the last shard may stick out of the array
+    assert writer.rows(count - 1) == shape[axis] - (count - 1) * shards[axis] and writer.rows(count) == 0
     rows = lambda a, b: tuple([slice(None)] * axis + [slice(a, b)])  # noqa: E731
+    data[rows(0, 1)] = 0  # an all-zero chunk is written like any other
     by_zarr[...] = data
-    block = lambda shard: data[
-        rows(shard * writer.shard_rows, shard * writer.shard_rows + writer.rows(shard))
-    ]  # noqa: E731
+
+    def block(shard):
+        return data[rows(shard * writer.shard_rows, shard * writer.shard_rows + writer.rows(shard))]
+
     with ThreadPoolExecutor(2) as pool:  # all but the last in one call, chunks compressed on two threads
         writer.write_many([(shard, block(shard)) for shard in range(count - 1)], pool)
     writer.write(count - 1, block(count - 1))
@@ -77,6 +82,10 @@ def test_declines_what_it_cannot_reproduce(tmp_path):
         "blosc without crc": dict(compressors=[BloscCodec(cname="zstd", clevel=3, shuffle="bitshuffle")]),
         "chunked on two axes": dict(chunks=(1, 8, 24), shards=(3, 32, 24)),
         "index first": dict(shards={"shape": (3, 32, 24), "index_location": "start"}),
+        "two shards across layers": dict(shape=(6, 100, 24), shards=(3, 32, 24)),
+        "layers not filling their chunk": dict(shape=(2, 100, 24)),
+        "empty chunks left out": dict(empty_chunks=False),
+        "dotted chunk keys": dict(chunk_key_encoding={"name": "default", "separator": "."}),
     }
     for i, (name, change) in enumerate(cases.items()):
         spec = dict(shape=(3, 100, 24), chunks=(3, 8, 24), shards=(3, 32, 24), dtype="float32") | change
@@ -96,4 +105,10 @@ def test_refuses_partial_or_outside_shards(tmp_path):
     ok = np.ones((3, 32, 24), "float32")
     with pytest.raises(ValueError, match="needs all its 32 rows"):
         writer.write_many([(0, ok), (1, ok[:, :31])])  # checked before anything is written
+    with pytest.raises(ValueError, match=r"a \(3, 32, 24\) float32 block, got \(3, 32, 24\) float64"):
+        writer.write(0, ok.astype("float64"))  # raw bytes are written: no silent reinterpretation
+    with pytest.raises(ValueError, match="float32 block, got"):
+        writer.write(0, ok.astype(">f4"))  # big-endian
+    with pytest.raises(ValueError, match=r"got \(3, 32, 23\)"):
+        writer.write(0, ok[..., :23])
     assert not list((tmp_path / "g" / "by_us").rglob("c/*"))

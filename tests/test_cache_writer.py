@@ -146,6 +146,47 @@ def test_staged_writes_go_shard_by_shard(tmp_path, codec):
     assert_same_store(tmp_path / "c", tmp_path / "ref")
 
 
+@pytest.mark.parametrize("codec", ["lossless", "int8"])
+def test_shards_written_directly_equal_zarrs_bytes(tmp_path, codec):
+    layout = small_layout(codec=codec, dtype="bfloat16")
+    samples = make_samples(layout, 30, seed=5)
+    for name, direct in (("direct", True), ("zarr", False)):
+        writer = CacheWriter.open(tmp_path / name, FINGERPRINT, layout, *counts(samples))
+        if direct:  # every token-axis array has its ShardWriter
+            assert len(writer._shards) == (1 if codec == "lossless" else 4) and all(writer._shards.values())
+        else:
+            writer._shards = {}  # every write through zarr
+        for batch in (
+            [4, 5, 6],
+            [0, 1, 2, 3],
+            list(range(7, 19)),
+            [25, 26],
+            list(range(19, 25)),
+            [27, 28, 29],
+        ):
+            writer.write_many([(i, *samples[i]) for i in batch], flush=False)
+        writer.finish()
+    files = lambda root: {  # noqa: E731
+        str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("c/**/*")) if p.is_file()
+    }
+    direct, via_zarr = files(tmp_path / "direct"), files(tmp_path / "zarr")
+    assert direct.keys() == via_zarr.keys() and len(direct) > 4
+    assert [k for k in direct if direct[k] != via_zarr[k]] == []
+
+
+def test_closed_writer_writes_nothing(tmp_path):
+    layout = small_layout()
+    samples = make_samples(layout, 3)
+    writer = CacheWriter.open(tmp_path / "c", FINGERPRINT, layout, *counts(samples))
+    writer.write_many([(0, *samples[0])], flush=False)
+    writer.close()  # the lock is released: another process may write now
+    for call in (lambda: writer.write(1, *samples[1]), writer.flush, writer.finish):
+        with pytest.raises(MimicError, match="this writer is closed; reopen the store"):
+            call()
+    again = CacheWriter.open(tmp_path / "c", FINGERPRINT, layout, *counts(samples))
+    assert again.missing() == [0, 1, 2]  # the staged sample was never written
+
+
 def test_staged_writes_in_any_order_equal_direct_writes(tmp_path):
     layout = small_layout(dtype="bfloat16")
     samples = make_samples(layout, 20, seed=3)
