@@ -41,7 +41,7 @@ def _with_crc(data: bytes | np.ndarray) -> tuple[bytes | np.ndarray, bytes]:
 
 
 class ShardWriter:
-    """Writes whole shards of one zarr array: ``write(shard, block)`` with block [*lead, rows(shard), *tail]."""
+    """Writes whole shards of one zarr array: ``write_many([(shard, block)])``, block [*lead, rows(shard), *tail]."""
 
     def __init__(self, directory: Path, array: zarr.Array, axis: int, blosc: BloscCodec) -> None:
         self.directory, self.axis, self._array = directory, axis, array
@@ -91,13 +91,10 @@ class ShardWriter:
         """Rows of shard ``shard`` inside the array: shard_rows, fewer for the last shard, 0 past the end."""
         return max(0, min(self.shard_rows, self._array.shape[self.axis] - shard * self.shard_rows))
 
-    def write(self, shard: int, block: np.ndarray, pool: Executor | None = None) -> None:
-        """Encode and write shard number ``shard`` (along the axis) from ``block``, all its rows inside the array,
-        atomically. The last shard's final chunk is padded with the fill value; chunks past the end are left out."""
-        self.write_many([(shard, block)], pool)
-
     def write_many(self, shards: list[tuple[int, np.ndarray]], pool: Executor | None = None) -> None:
-        """``write`` for several shards; the chunks of all of them are compressed at once on ``pool``."""
+        """Encode and write each (shard number along the axis, block with all its rows inside the array), one
+        atomic file per shard; the chunks of all of them are compressed at once on ``pool``. The last shard's
+        final chunk is padded with the fill value; chunks past the array's end are left out."""
         chunks, counts = [], []
         for shard, block in shards:
             rows = self.rows(shard)

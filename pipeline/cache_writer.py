@@ -55,9 +55,8 @@ class CacheWriter:
             for partial in self.path.rglob("*.partial"):  # temp files of writes cut short by a kill
                 partial.unlink()
         self.done: set[int] = set(np.flatnonzero(store.marks[:] >= 0).tolist())
-        self._staged: dict[
-            int, dict[str, np.ndarray]
-        ] = {}  # encoded, not yet marked (write_many flush=False)
+        # encoded, not yet marked (write_many flush=False)
+        self._staged: dict[int, dict[str, np.ndarray]] = {}
         self._token_written: dict[int, int] = {}  # staged sample -> token row its written part ends at
         self._shard_rows = self.layout.token_chunk * self.layout.shard_chunks
         # whole shards of the token axis bypass zarr's chunk pipeline; their chunks compress on all cores
@@ -66,7 +65,7 @@ class CacheWriter:
             for spec in store.specs
             if spec.axis == "tokens"
         }
-        self._pool: ThreadPoolExecutor | None = None  # started by the first whole-shard write
+        self._pool: ThreadPoolExecutor | None = None  # compresses whole shards' chunks
 
     @classmethod
     def open(
@@ -272,14 +271,14 @@ class CacheWriter:
             first, last = -(-start // n), end // n  # shards [first, last) are covered whole ...
             if shards.rows(last) and last * n + shards.rows(last) == end:
                 last += 1  # ... and so is the array's last, shorter shard when rows reach the end
-            if last > first and self._pool is None:
-                self._pool = ThreadPoolExecutor(min(8, _usable_cores()), "cache-encode")
-            whole = [
-                (shard, spec.take(rows, shard * n - start, shard * n + shards.rows(shard) - start))
-                for shard in range(first, last)
-            ]
-            shards.write_many(whole, self._pool)
             if last > first:
+                if self._pool is None:  # started by the first whole-shard write
+                    self._pool = ThreadPoolExecutor(min(8, _usable_cores()), "cache-encode")
+                whole = [
+                    (shard, spec.take(rows, shard * n - start, shard * n + shards.rows(shard) - start))
+                    for shard in range(first, last)
+                ]
+                shards.write_many(whole, self._pool)
                 zarr_rows = [(start, first * n), (min(last * n, end), end)]
         for a, b in zarr_rows:
             if b > a:

@@ -61,7 +61,7 @@ def test_whole_shards_match_zarr_bytes(tmp_path, shape, chunks, shards, dtype, a
 
     with ThreadPoolExecutor(2) as pool:  # all but the last in one call, chunks compressed on two threads
         writer.write_many([(shard, block(shard)) for shard in range(count - 1)], pool)
-    writer.write(count - 1, block(count - 1))
+    writer.write_many([(count - 1, block(count - 1))])
     files = lambda name: sorted(p for p in (tmp_path / "g" / name / "c").rglob("*") if p.is_file())  # noqa: E731
     ours, theirs = files("by_us"), files("by_zarr")
     assert [p.relative_to(tmp_path / "g" / "by_us") for p in ours] == [
@@ -97,18 +97,18 @@ def test_refuses_partial_or_outside_shards(tmp_path):
     _, array = make_pair(tmp_path / "g", (3, 100, 24), (3, 8, 24), (3, 32, 24), "float32")
     writer = ShardWriter.for_array(tmp_path / "g" / "by_us", array, 1)
     with pytest.raises(ValueError, match="needs all its 32 rows"):
-        writer.write(0, np.zeros((3, 16, 24), "float32"))
+        writer.write_many([(0, np.zeros((3, 16, 24), "float32"))])
     with pytest.raises(ValueError, match="needs all its 4 rows"):
-        writer.write(3, np.zeros((3, 32, 24), "float32"))  # rows 96..100 are the last shard's
+        writer.write_many([(3, np.zeros((3, 32, 24), "float32"))])  # rows 96..100 are the last shard's
     with pytest.raises(ValueError, match="needs all its 0 rows"):
-        writer.write(4, np.zeros((3, 32, 24), "float32"))
+        writer.write_many([(4, np.zeros((3, 32, 24), "float32"))])
     ok = np.ones((3, 32, 24), "float32")
     with pytest.raises(ValueError, match="needs all its 32 rows"):
         writer.write_many([(0, ok), (1, ok[:, :31])])  # checked before anything is written
     with pytest.raises(ValueError, match=r"a \(3, 32, 24\) float32 block, got \(3, 32, 24\) float64"):
-        writer.write(0, ok.astype("float64"))  # raw bytes are written: no silent reinterpretation
+        writer.write_many([(0, ok.astype("float64"))])  # raw bytes are written: no silent reinterpretation
     with pytest.raises(ValueError, match="float32 block, got"):
-        writer.write(0, ok.astype(">f4"))  # big-endian
+        writer.write_many([(0, ok.astype(">f4"))])  # big-endian
     with pytest.raises(ValueError, match=r"got \(3, 32, 23\)"):
-        writer.write(0, ok[..., :23])
+        writer.write_many([(0, ok[..., :23])])
     assert not list((tmp_path / "g" / "by_us").rglob("c/*"))
