@@ -42,9 +42,14 @@ class ExtractConfig:
     layers: list[int] | None  # recorded layers; null = all
     codec: str  # lossless (teacher dtype, Blosc zstd + bitshuffle) or int8 (per-token scale)
     topk: int  # teacher logits kept per answer token (0 = none); for KL baselines
+    positions: str  # all | text: text keeps only the query's text and answer tokens (no image tokens)
     chunk_tokens: int  # tokens per store chunk (x layers x hidden); 0 = auto, ~2 MiB; a shard holds 4 chunks
     batch_size: int  # teacher prompts per forward
     seed: int  # ICD sampling seed
+
+    def __post_init__(self):
+        if self.positions not in ("all", "text"):
+            raise MimicError(f"extract.positions must be all or text, got {self.positions!r}")
 
 
 @dataclass(frozen=True)
@@ -68,6 +73,7 @@ class EvaluateConfig:
     methods: list[str]  # any of zero_shot, icl, mimic
     k: int  # demonstrations for the icl method
     batch_size: int
+    max_batch_tokens: int  # padded prompt tokens x rows x beams per generate call (its KV cache); 0 = no cap
     num_beams: int  # 1 = greedy; the paper uses 3 for VQA
     max_new_tokens: int  # the paper uses 10 for VQA
     seed: int  # demonstration sampling for icl

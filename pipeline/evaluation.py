@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -12,7 +12,6 @@ from tqdm import tqdm
 from pipeline.data import Item
 from pipeline.errors import MimicError
 from pipeline.prompts import PromptBuilder, Segment
-from pipeline.samples import collate_segments
 from pipeline.teacher import model_inputs
 
 
@@ -23,6 +22,42 @@ class Generated:
     prompt_tokens: list[int]  # non-padding prompt length of each sample
 
 
+class GenerationPrompts(Sequence):
+    """Generation prompts built when a batch needs them (each k-shot prompt carries k + 1 images' tensors, so
+    holding all of them at once grows with the number of queries): prompt n is demos[n] + queries[n]."""
+
+    def __init__(self, builder: PromptBuilder, demos: Sequence[Sequence[Item]], queries: Sequence[Item]):
+        self.builder, self.demos, self.queries = builder, demos, queries
+
+    def __len__(self) -> int:
+        return len(self.queries)
+
+    def __getitem__(self, n):
+        if isinstance(n, slice):
+            return [self[i] for i in range(*n.indices(len(self)))]
+        return self.builder.generation(self.demos[n], self.queries[n])
+
+
+def generation_batches(
+    prompts: Sequence[Segment], batch_size: int, max_tokens: int, beams: int
+) -> Iterator[list[Segment]]:
+    """Consecutive prompts in batches of at most `batch_size`, and (when `max_tokens` > 0) at most `max_tokens`
+    padded prompt tokens x beams, the size of the KV cache a batch fills; a longer prompt goes alone."""
+    batch: list[Segment] = []
+    longest = 0  # the longest prompt in `batch`: every row is padded to it
+    for n in range(len(prompts)):
+        prompt = prompts[n]
+        wider = max(longest, len(prompt.input_ids))
+        full = len(batch) == batch_size or 0 < max_tokens < wider * (len(batch) + 1) * beams
+        if batch and full:
+            yield batch
+            batch, wider = [], len(prompt.input_ids)
+        batch.append(prompt)
+        longest = wider
+    if batch:
+        yield batch
+
+
 def generate_answers(
     model,
     builder: PromptBuilder,
@@ -31,33 +66,46 @@ def generate_answers(
     num_beams: int,
     max_new_tokens: int,
     desc: str = "generate",
+    max_batch_tokens: int = 0,
 ) -> Generated:
-    """Greedy (or beam) decoding of each prompt; the answer is the text before the first newline."""
+    """Greedy (or beam) decoding of each prompt, in order; the answer is the text before the first newline.
+    `prompts` may build each prompt on access (GenerationPrompts): only the batch in flight is held."""
     tokenizer = builder.processor.tokenizer
-    newline = tokenizer.convert_tokens_to_ids("\n") if "\n" in tokenizer.get_vocab() else None
-    stops = [t for t in (tokenizer.eos_token_id, newline) if t is not None]
+    stops = ([] if tokenizer.eos_token_id is None else [tokenizer.eos_token_id]) + newline_tokens(tokenizer)
     device = next(model.parameters()).device
     answers: list[str] = []
+    lengths: list[int] = []
     seconds = 0.0
-    for first in tqdm(range(0, len(prompts), batch_size), desc=desc, unit="batch"):
-        batch = collate_segments(prompts[first : first + batch_size], builder)
-        start = time.perf_counter()
-        with torch.no_grad():
-            out = model.generate(
-                **model_inputs(batch, device),
-                max_new_tokens=max_new_tokens,
-                num_beams=num_beams,
-                do_sample=False,
-                eos_token_id=stops or None,
-                pad_token_id=tokenizer.pad_token_id,
-                # beams rank by summed log-probability (no length normalisation); greedy takes no such flag
-                **({"length_penalty": 0.0} if num_beams > 1 else {}),
-            )
-        seconds += time.perf_counter() - start
-        new = out[:, batch["input_ids"].shape[1] :]
-        for text in tokenizer.batch_decode(new, skip_special_tokens=True):
-            answers.append(text.split("\n")[0].strip())
-    return Generated(answers, seconds, [len(p.input_ids) for p in prompts])
+    with tqdm(total=len(prompts), desc=desc, unit="prompt") as bar:
+        for segments in generation_batches(prompts, batch_size, max_batch_tokens, num_beams):
+            batch = builder.collate(segments)
+            start = time.perf_counter()
+            with torch.no_grad():
+                out = model.generate(
+                    **model_inputs(batch, device),
+                    max_new_tokens=max_new_tokens,
+                    num_beams=num_beams,
+                    do_sample=False,
+                    eos_token_id=stops or None,
+                    pad_token_id=tokenizer.pad_token_id,
+                    # beams rank by summed log-probability (no length normalisation); greedy takes no such flag
+                    **({"length_penalty": 0.0} if num_beams > 1 else {}),
+                )
+            seconds += time.perf_counter() - start
+            new = out[:, batch["input_ids"].shape[1] :]
+            for text in tokenizer.batch_decode(new, skip_special_tokens=True):
+                answers.append(text.split("\n")[0].strip())
+            lengths += [len(s.input_ids) for s in segments]
+            bar.update(len(segments))
+    return Generated(answers, seconds, lengths)
+
+
+def newline_tokens(tokenizer) -> list[int]:
+    """Every token id whose text holds a newline ("Ċ" in byte-level BPE, "<0x0A>" in SentencePiece, "\n" in a
+    word-level vocabulary, or merged ones such as ".Ċ"): decoding stops at the first, beams included."""
+    ids = list(range(len(tokenizer)))
+    texts = tokenizer.batch_decode([[i] for i in ids], skip_special_tokens=True)
+    return [i for i, text in zip(ids, texts) if "\n" in text]
 
 
 def score(kind: str, items: Sequence[Item], answers: Sequence[str]) -> tuple[float, list[float]]:

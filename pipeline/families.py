@@ -28,14 +28,29 @@ class Family:
     attention: str = "self_attn"  # attribute of a decoder layer: its self-attention module
     mlp: str = "mlp"  # attribute of a decoder layer: its MLP
     image_axis: int = 0  # processor image tensors: 0 = one flat list over the batch, 1 = [batch, images, ...]
-    segment_prompts: bool = (
-        True  # False: its processor cannot tokenize one round at a time (see docs/method.md)
-    )
+    # "processor": the processor tokenizes a round's text and expands its placeholders; "tokenizer": the text is
+    # tokenized as written (placeholders already expanded) and images go through the image processor alone
+    encode: str = "processor"
+    # Idefics v1: each token's cross-attention to images ([B, T, images]), rebuilt from the assembled ids
+    image_attention_mask: bool = False
+    # pass cumsum(attention_mask) - 1 positions, as `generate` does; False where the model derives them from the
+    # mask itself (Qwen2-VL's M-RoPE, Idefics v1)
+    position_ids: bool = True
 
 
 FAMILIES: tuple[Family, ...] = (
     Family("idefics2", ("idefics2",), "model.text_model.layers", "text_config", "<image>", image_axis=1),
-    Family("idefics", ("idefics",), "model.layers", None, "<image>", image_axis=1, segment_prompts=False),
+    Family(
+        "idefics",
+        ("idefics",),
+        "model.layers",
+        None,
+        "<fake_token_around_image><image><fake_token_around_image>",
+        image_axis=1,
+        encode="tokenizer",
+        image_attention_mask=True,
+        position_ids=False,
+    ),
     Family("llava", ("llava", "llava_onevision"), "model.language_model.layers", "text_config", "<image>"),
     Family(
         "qwen2_vl",
@@ -43,6 +58,7 @@ FAMILIES: tuple[Family, ...] = (
         "model.language_model.layers",
         "text_config",
         "<|vision_start|><|image_pad|><|vision_end|>",
+        position_ids=False,
     ),
 )
 
@@ -93,6 +109,11 @@ class Adapter:
         head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
         kv_heads = getattr(cfg, "num_key_value_heads", None) or heads
         return Geometry(len(self.layers), heads, kv_heads, head_dim, cfg.hidden_size)
+
+    @property
+    def image_token_id(self) -> int | None:
+        """The id that stands for one image feature in the text (None where images are not in the sequence)."""
+        return getattr(self.model.config, "image_token_id", None)
 
     def attention_modules(self) -> list[nn.Module]:
         """The text decoder's self-attention module of every layer, in layer order."""

@@ -36,5 +36,6 @@ def teacher_fingerprint(params: Params, loaded: Loaded, splits: Splits, layers: 
         "layers": layers,
         "codec": ex.codec,
         "topk": ex.topk,
+        "positions": ex.positions,
         "package_version": __version__,
     }

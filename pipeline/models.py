@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import hashlib
+import inspect
 import json
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import transformers
 from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor, PretrainedConfig
 
 from pipeline.errors import MimicError
@@ -60,13 +62,52 @@ def load_model(
         path, dtype=DTYPES[dtype], attn_implementation="sdpa", local_files_only=True
     )
     model.to(device).eval().requires_grad_(False)
-    processor = None
-    if with_processor:
-        try:
-            processor = AutoProcessor.from_pretrained(path, local_files_only=True)
-        except (OSError, ValueError) as err:
-            raise MimicError(f"no usable processor in {path}: {err}") from err
+    processor = load_processor(path, config.model_type) if with_processor else None
     return Loaded(model, processor, Adapter(model), str(name_or_path))
+
+
+def load_processor(path: Path, model_type: str):
+    """The checkpoint's processor. Qwen2-VL and LLaVA-OneVision processors always build a video processor,
+    whose classes need torchvision: without it, the same processor class is loaded without its video part
+    (the pipeline never uses video). Any other failure is one line naming the directory."""
+    try:
+        return AutoProcessor.from_pretrained(path, local_files_only=True)
+    except ImportError as err:
+        cls = _processor_class(model_type)
+        if cls is None or "video_processor" not in inspect.signature(cls.__init__).parameters:
+            raise MimicError(
+                f"the processor in {path} needs a package that is missing: {_one_line(err)}"
+            ) from err
+        try:
+            return _without_video(cls).from_pretrained(path, local_files_only=True)
+        except Exception as inner:  # noqa: BLE001 - any failure of a user's files is reported in one line
+            raise MimicError(f"no usable processor in {path}: {_one_line(inner)}") from inner
+    except Exception as err:  # noqa: BLE001
+        raise MimicError(f"no usable processor in {path}: {_one_line(err)}") from err
+
+
+def _processor_class(model_type: str):
+    from transformers.models.auto.processing_auto import PROCESSOR_MAPPING_NAMES
+
+    name = PROCESSOR_MAPPING_NAMES.get(model_type)
+    return getattr(transformers, name, None) if isinstance(name, str) else None
+
+
+def _without_video(cls):
+    """A subclass of processor class `cls` whose parts are its image processor and tokenizer only."""
+
+    def __init__(self, image_processor=None, tokenizer=None, chat_template=None, **kwargs):
+        kwargs.pop("video_processor", None)
+        cls.__init__(
+            self, image_processor=image_processor, tokenizer=tokenizer, chat_template=chat_template, **kwargs
+        )
+
+    return type(cls.__name__, (cls,), {"__init__": __init__})
+
+
+def _one_line(err: BaseException) -> str:
+    text = " ".join(str(err).split())
+    return f"{type(err).__name__}: {text[:300]}"
 
 
 def config_fingerprint(config: PretrainedConfig) -> str:

@@ -1,19 +1,25 @@
 """Few-shot prompts assembled from token segments.
 
 A round (demonstration or query) is `template.round` with the family's image placeholder, e.g.
-"<image>Question: what is this ? Short answer: red\\n". Each round is tokenized ONCE, as its prefix (image +
-question, through the processor) followed by its answer part (through the tokenizer), and the teacher and student
-inputs are concatenations of those same segments:
+"<image>Question: what is this? Short answer: red\n". Each round is tokenized ONCE, in one call on its whole
+text (so the ids are those a real tokenizer gives the text, never a split no one-call tokenization produces), and
+the teacher and student inputs are concatenations of those same segments:
 
     teacher = [bos] + demo_1 + ... + demo_k + query_answer      student = [bos] + query_answer
 
 so the query+answer positions line up by construction: they are the last `len(query_answer)` tokens of both.
+Rounds start with an image placeholder (a special token), so joining them equals one call on the joined text.
+
+The answer tokens of a round are those past the round's prompt, the text before `{answer}` without its trailing
+spaces: byte-level BPE and SentencePiece vocabularies fold the space into the answer's first token ("Ġred",
+"▁red"), and a generation prompt that ended in a lone space token would be one no training text contains.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from dataclasses import dataclass, field
+from collections import OrderedDict
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field, replace
 
 import torch
 
@@ -40,13 +46,16 @@ class PromptTemplate:
             raise MimicError(f"prompt template {self.round!r}: {{answer}} must come after {{question}}")
 
     def prefix(self, family: Family, question: str, num_images: int = 1) -> str:
-        """The round up to the answer: what a model sees before it answers."""
+        """The round up to its answer, without trailing spaces: what a model sees before it answers."""
         head = self.round[: self.round.index("{answer}")]
-        return head.replace("{image}", family.image_placeholder * num_images).replace("{question}", question)
+        text = head.replace("{image}", family.image_placeholder * num_images).replace("{question}", question)
+        return text.rstrip(" ")
 
-    def answer_part(self, answer: str) -> str:
-        """The rest of the round: the answer and whatever the template puts after it."""
-        return self.round[self.round.index("{answer}") :].replace("{answer}", answer)
+    def text(self, family: Family, question: str, answer: str, num_images: int = 1) -> str:
+        """The whole round: a demonstration, or a training query with its answer."""
+        at = self.round.index("{answer}")
+        head = self.round[:at].replace("{image}", family.image_placeholder * num_images)
+        return head.replace("{question}", question) + self.round[at:].replace("{answer}", answer)
 
 
 @dataclass
@@ -66,26 +75,51 @@ class Segment:
 def encode_round(
     processor, family: Family, template: PromptTemplate, question: str, images: Sequence, answer: str | None
 ) -> Segment:
-    """Tokenize one round: prefix with its images through the processor, then the answer part (if any)."""
-    prefix = template.prefix(family, question, len(images))
-    kwargs = {"images": list(images)} if images else {}
-    encoded = processor(text=[prefix], add_special_tokens=False, return_tensors="pt", **kwargs)
-    ids = encoded["input_ids"][0]
+    """Tokenize one round in one call: with its answer (a demonstration, a training query), or only its prompt
+    (answer None: a generation prompt). The answer tokens are the round's last ones."""
+    prompt = template.prefix(family, question, len(images))
+    text = prompt if answer is None else template.text(family, question, answer, len(images))
+    encoded = _encode(processor, family, text, images)
+    ids = encoded["input_ids"][0].long()
+    n = 0 if answer is None else _answer_length(processor.tokenizer, prompt, text, ids)
+    mask = torch.zeros(len(ids), dtype=torch.bool)
+    mask[len(ids) - n :] = True
     skip = TEXT_KEYS + TOKEN_KEYS
     image_tensors = {k: v for k, v in encoded.items() if k not in skip and isinstance(v, torch.Tensor)}
-    answer_ids = torch.empty(0, dtype=ids.dtype)
-    if answer is not None:
-        answer_ids = torch.tensor(
-            processor.tokenizer(template.answer_part(answer), add_special_tokens=False)["input_ids"],
-            dtype=ids.dtype,
+    types = {k: encoded[k][0].long() for k in TOKEN_KEYS if k in encoded}
+    return Segment(ids, mask, image_tensors, types)
+
+
+def _encode(processor, family: Family, text: str, images: Sequence) -> dict:
+    """input_ids [1, t] and image tensors of one round, as the family's processor makes them."""
+    if (
+        family.encode == "tokenizer"
+    ):  # placeholders are already the tokens; images through the image processor
+        out = {
+            "input_ids": processor.tokenizer(text, add_special_tokens=False, return_tensors="pt")["input_ids"]
+        }
+        if images:
+            pixels = processor.image_processor(list(images), return_tensors="pt")
+            pixels = pixels["pixel_values"] if isinstance(pixels, Mapping) else pixels  # (n, 3, H, W)
+            out["pixel_values"] = pixels[None]  # (1, n, 3, H, W)
+        return out
+    kwargs = {"images": list(images)} if images else {}
+    return processor(text=[text], add_special_tokens=False, return_tensors="pt", **kwargs)
+
+
+def _answer_length(tokenizer, prompt: str, text: str, ids: torch.Tensor) -> int:
+    """How many of the round's last tokens are its answer: the tokens `text` has beyond `prompt`.
+    Image placeholders count as the single tokens they are in the tokenizer; the processor's expansion of them
+    sits before the answer and does not change its tokens."""
+    head = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    whole = tokenizer(text, add_special_tokens=False)["input_ids"]
+    n = len(whole) - len(head)
+    if whole[: len(head)] != head or n <= 0 or ids[len(ids) - n :].tolist() != whole[len(whole) - n :]:
+        raise MimicError(
+            f"the tokenizer joins the end of the prompt {prompt[-24:]!r} with the answer into one token; end the "
+            "template's text before {answer} with a space, a colon or a newline"
         )
-    mask = torch.cat([torch.zeros(len(ids), dtype=torch.bool), torch.ones(len(answer_ids), dtype=torch.bool)])
-    types = {
-        k: torch.cat([encoded[k][0].long(), torch.zeros(len(answer_ids), dtype=torch.long)])
-        for k in TOKEN_KEYS
-        if k in encoded
-    }
-    return Segment(torch.cat([ids, answer_ids]), mask, image_tensors, types)
+    return n
 
 
 def bos_segment(processor) -> Segment:
@@ -93,6 +127,20 @@ def bos_segment(processor) -> Segment:
     bos = processor.tokenizer.bos_token_id
     ids = torch.tensor([] if bos is None else [bos], dtype=torch.long)
     return Segment(ids, torch.zeros(len(ids), dtype=torch.bool))
+
+
+def join_images(parts: Sequence[torch.Tensor], axis: int) -> torch.Tensor:
+    """Concatenate image tensors along `axis`, zero-padding every later axis to its largest size, as processors
+    pad a batch: pixels at the bottom and right (with a pixel mask of 0 there), patches and images at the end."""
+    later = [max(p.shape[d] for p in parts) for d in range(axis + 1, parts[0].dim())]
+    padded = []
+    for part in parts:
+        if list(part.shape[axis + 1 :]) != later:
+            full = part.new_zeros(*part.shape[: axis + 1], *later)
+            full[(slice(None),) * (axis + 1) + tuple(slice(0, n) for n in part.shape[axis + 1 :])] = part
+            part = full
+        padded.append(part)
+    return torch.cat(padded, axis)
 
 
 def assemble(segments: Sequence[Segment], family: Family, max_length: int | None = None) -> Segment:
@@ -106,8 +154,7 @@ def assemble(segments: Sequence[Segment], family: Family, max_length: int | None
     for segment in segments:
         for key, value in segment.images.items():
             images.setdefault(key, []).append(value)
-    axis = family.image_axis
-    joined = {k: torch.cat(v, dim=axis) for k, v in images.items()}
+    joined = {k: join_images(v, family.image_axis) for k, v in images.items()}
     types = {
         k: torch.cat([s.token_type(k) for s in segments])
         for k in {k for s in segments for k in s.token_types}
@@ -115,8 +162,19 @@ def assemble(segments: Sequence[Segment], family: Family, max_length: int | None
     return Segment(ids, torch.cat([s.answer_mask for s in segments]), joined, types)
 
 
-def collate(sequences: Sequence[Segment], family: Family, pad_id: int) -> dict[str, torch.Tensor]:
-    """A left-padded batch: input_ids and attention_mask [B, T], answer_mask [B, T], image tensors joined."""
+def image_attention_mask(input_ids: torch.Tensor, image_token_id: int, num_images: int) -> torch.Tensor:
+    """Idefics v1's [B, T, images] mask: each token sees the most recent image at or before it, tokens before the
+    first image none. A function of the (left-padded) ids, so it is rebuilt on every assembled batch."""
+    latest = (input_ids == image_token_id).long().cumsum(-1) - 1  # (B, T), -1 = no image yet
+    seen = torch.nn.functional.one_hot(latest.clamp_min(0), max(num_images, 1))  # (B, T, images)
+    return seen * (latest >= 0)[..., None]
+
+
+def collate(
+    sequences: Sequence[Segment], family: Family, pad_id: int, image_token_id: int | None = None
+) -> dict[str, torch.Tensor]:
+    """A left-padded batch: input_ids and attention_mask [B, T], answer_mask [B, T], image tensors joined (and
+    padded) as the family's processor batches them; Idefics v1's image_attention_mask from the ids."""
     longest = max(len(s.input_ids) for s in sequences)
     batch = len(sequences)
     ids = torch.full((batch, longest), pad_id, dtype=torch.long)
@@ -132,45 +190,82 @@ def collate(sequences: Sequence[Segment], family: Family, pad_id: int) -> dict[s
         out[key] = torch.zeros(batch, longest, dtype=torch.long)  # padding counts as text
         for row, seq in enumerate(sequences):
             out[key][row, longest - len(seq.input_ids) :] = seq.token_type(key)
-    keys = {k for s in sequences for k in s.images}
-    for key in keys:
-        parts = [s.images[key] for s in sequences if key in s.images]
-        if family.image_axis == 0:
-            out[key] = torch.cat(parts, 0)
-        else:  # per-sample image lists [1, n_i, ...]: pad every sample to the most images with zeros
-            most = max(p.shape[1] for p in parts)
-            padded = [
-                torch.cat([p, p.new_zeros(p.shape[0], most - p.shape[1], *p.shape[2:])], 1) for p in parts
-            ]
-            out[key] = torch.cat(padded, 0)
+    for key in {k for s in sequences for k in s.images}:
+        # a flat list over the batch (axis 0), or per-sample lists [1, n_i, ...] padded to the most images
+        out[key] = join_images([s.images[key] for s in sequences if key in s.images], 0)
+    if family.image_attention_mask:
+        if image_token_id is None:
+            raise ValueError(f"{family.name} batches need the image token id")
+        count = out["pixel_values"].shape[1] if "pixel_values" in out else 1
+        out["image_attention_mask"] = image_attention_mask(ids, image_token_id, count)
     return out
 
 
 class PromptBuilder:
-    """Teacher, student and generation inputs for items, each round tokenized once and cached by item id."""
+    """Teacher, student and generation inputs for items. Each round is tokenized once: its tokens are kept for
+    the life of the builder (a few KiB), its image tensors only for the `image_cache` most recent rounds, so
+    memory does not grow with the data (a round whose images were dropped is encoded again when next used)."""
 
-    def __init__(self, processor, family: Family, template: PromptTemplate, max_length: int | None = None):
-        if not family.segment_prompts:
-            raise MimicError(
-                f"{family.name} prompts cannot be assembled from token segments yet: its processor adds BOS on every "
-                "call and ties tokens to images with an image_attention_mask (docs/method.md, Known gaps)"
-            )
+    def __init__(
+        self,
+        processor,
+        family: Family,
+        template: PromptTemplate,
+        max_length: int | None = None,
+        image_cache: int = 256,
+    ):
         self.processor, self.family, self.template, self.max_length = processor, family, template, max_length
         self._bos = bos_segment(processor)
-        self._rounds: dict[tuple[str, bool], Segment] = {}
+        self._tokens: dict[tuple[str, bool], Segment] = {}  # rounds without their image tensors
+        self._images: OrderedDict[tuple[str, bool], dict[str, torch.Tensor]] = OrderedDict()
+        self.image_cache = image_cache
+        tokenizer = processor.tokenizer
+        self.pad_id = 0 if tokenizer.pad_token_id is None else tokenizer.pad_token_id
+        self.image_token_id = (
+            tokenizer.convert_tokens_to_ids("<image>") if family.image_attention_mask else None
+        )
+
+    @classmethod
+    def for_model(cls, loaded, template: str) -> PromptBuilder:
+        """The builder every stage uses: the loaded model's processor and family, its position limit."""
+        adapter = loaded.adapter
+        limit = getattr(adapter.text_config, "max_position_embeddings", None)
+        return cls(loaded.processor, adapter.family, PromptTemplate(template), limit)
+
+    def collate(self, segments: Sequence[Segment]) -> dict[str, torch.Tensor]:
+        """A left-padded batch of `segments` with this tokenizer's pad id."""
+        return collate(segments, self.family, self.pad_id, self.image_token_id)
 
     def round(self, item, with_answer: bool = True) -> Segment:
+        """One item's round, with its answer (a demonstration or training query) or without (for generation)."""
+        key = (item.id, with_answer)
+        tokens = self._tokens.get(key)
+        if tokens is not None and key in self._images:
+            self._images.move_to_end(key)
+            return replace(tokens, images=self._images[key])
+        segment = self._encode(item, with_answer)
+        if tokens is None:
+            self._tokens[key] = replace(segment, images={})
+        if self.image_cache > 0:
+            self._images[key] = segment.images
+            if len(self._images) > self.image_cache:
+                self._images.popitem(last=False)
+        return segment
+
+    def tokens(self, item, with_answer: bool = True) -> Segment:
+        """The round's tokens without image tensors: token counts for every item without holding its images."""
+        key = (item.id, with_answer)
+        if key not in self._tokens:
+            self.round(item, with_answer)
+        return self._tokens[key]
+
+    def _encode(self, item, with_answer: bool) -> Segment:
         from pipeline.data import load_image
         from pipeline.splits import target_answer
 
-        key = (item.id, with_answer)
-        if key not in self._rounds:
-            images = [load_image(image) for image in item.images]
-            answer = target_answer(item) if with_answer else None
-            self._rounds[key] = encode_round(
-                self.processor, self.family, self.template, item.question, images, answer
-            )
-        return self._rounds[key]
+        images = [load_image(image) for image in item.images]
+        answer = target_answer(item) if with_answer else None
+        return encode_round(self.processor, self.family, self.template, item.question, images, answer)
 
     def teacher(self, demos: Sequence, query) -> Segment:
         """[bos] + demonstrations + query with its answer; the query+answer tokens come last."""

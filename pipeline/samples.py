@@ -8,8 +8,9 @@ from dataclasses import dataclass
 import torch
 
 from pipeline.data import Item
+from pipeline.errors import MimicError
 from pipeline.icd import sample_icd_sets
-from pipeline.prompts import PromptBuilder, Segment, collate
+from pipeline.prompts import PromptBuilder, Segment
 
 
 @dataclass(frozen=True)
@@ -44,19 +45,33 @@ def training_samples(queries: list[Item], support: list[Item], k: int, m: int, s
 
 def collate_segments(segments: Sequence[Segment], builder: PromptBuilder) -> dict[str, torch.Tensor]:
     """A left-padded batch with the tokenizer's pad id."""
-    pad = builder.processor.tokenizer.pad_token_id
-    return collate(segments, builder.family, 0 if pad is None else pad)
+    return builder.collate(segments)
+
+
+POSITIONS = ("all", "text")
+
+
+def kept_positions(
+    builder: PromptBuilder, samples: TrainingSamples, indices: Sequence[int], positions: str, image_token_id
+) -> list[torch.Tensor] | None:
+    """Which query+answer positions of each sample are cached and aligned: None for all of them, else [n_i] bool
+    masks, False at image tokens (`positions="text"`)."""
+    if positions not in POSITIONS:
+        raise MimicError(f"extract.positions must be one of {', '.join(POSITIONS)}, got {positions!r}")
+    if positions == "all" or image_token_id is None:
+        return None
+    return [builder.tokens(samples.demos(j)[0]).input_ids != image_token_id for j in indices]
 
 
 def teacher_batch(builder: PromptBuilder, samples: TrainingSamples, indices: Sequence[int]):
     """Teacher inputs for samples `indices` and the number of query+answer tokens of each."""
     pairs = [samples.demos(j) for j in indices]
     batch = collate_segments([builder.teacher(demos, query) for query, demos in pairs], builder)
-    return batch, [len(builder.round(query).input_ids) for query, _ in pairs]
+    return batch, [len(builder.tokens(query).input_ids) for query, _ in pairs]
 
 
 def student_batch(builder: PromptBuilder, samples: TrainingSamples, indices: Sequence[int]):
     """Student inputs (query + answer only) for samples `indices` and their query+answer token counts."""
     queries = [samples.demos(j)[0] for j in indices]
     batch = collate_segments([builder.student(q) for q in queries], builder)
-    return batch, [len(builder.round(q).input_ids) for q in queries]
+    return batch, [len(builder.tokens(q).input_ids) for q in queries]

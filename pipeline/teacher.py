@@ -18,6 +18,20 @@ def model_inputs(batch: dict[str, torch.Tensor], device: torch.device | str) -> 
     return {k: v.to(device) for k, v in batch.items() if k not in MODEL_KEYS_SKIP}
 
 
+def padded_positions(attention_mask: torch.Tensor) -> torch.Tensor:
+    """position_ids [B, T] that start at 0 at each row's first real token, as `generate` computes them: a
+    left-padded row gets the positions it has alone (MimIC's w . q sees q after RoPE, so they matter)."""
+    return (attention_mask.long().cumsum(-1) - 1).clamp_min(0)
+
+
+def forward_inputs(adapter: Adapter, batch: dict[str, torch.Tensor], device) -> dict[str, torch.Tensor]:
+    """`model_inputs` plus position_ids where the family's model does not derive them from the mask."""
+    inputs = model_inputs(batch, device)
+    if adapter.family.position_ids:
+        inputs["position_ids"] = padded_positions(inputs["attention_mask"])
+    return inputs
+
+
 @dataclass
 class QueryStates:
     """For each sequence of a batch: states [L, n_i, hidden] and (optionally) top-k logits at answer tokens."""
@@ -41,12 +55,14 @@ def forward_query_states(
     layers: Sequence[int],
     topk: int = 0,
     all_logits: bool = True,
+    kept: Sequence[torch.Tensor] | None = None,
 ) -> tuple[QueryStates, torch.Tensor]:
     """Run the model once, recording `site` in `layers`; returns the gathered states and the logits [B, T, V].
 
     With ``all_logits=False`` (the teacher) the LM head runs only where top-k logits are kept, on the last
     max(lengths) positions, or on the last position when topk is 0 (transformers' ``logits_to_keep``): the
     [B, T, vocab] logits of k-shot prompts are the teacher's largest activation on real models.
+    `kept` ([n_i] bool per row, None = all) selects the recorded positions among each row's last lengths[i].
     Gradients flow if enabled by the caller (the student); the teacher calls this under torch.no_grad().
     """
     device = next(model.parameters()).device
@@ -55,13 +71,15 @@ def forward_query_states(
     with record_sites(adapter, site, layers) as recorded:
         # use_cache=False: no generation follows, so no per-layer K/V cache is built and kept alive
         logits = model(
-            **model_inputs(batch, device), logits_to_keep=keep, use_cache=False
+            **forward_inputs(adapter, batch, device), logits_to_keep=keep, use_cache=False
         ).logits  # (B, T|keep, V)
     # copy only the query+answer span, not the demonstrations
     stacked = torch.stack([recorded[layer][:, -longest:] for layer in layers], 1)  # (B, L, n_max, hidden)
     states = [
         s.transpose(0, 1) for s in last_tokens(stacked.transpose(1, 2), lengths)
     ]  # each (L, n_i, hidden)
+    if kept is not None:
+        states = [s[:, k.to(s.device)] for s, k in zip(states, kept)]  # each (L, kept_i, hidden)
     values = indices = None
     if topk:
         mask = batch["answer_mask"].to(device).clone()

@@ -11,10 +11,11 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from pipeline.config import ExtractConfig
 from pipeline.errors import MimicError
 from pipeline.families import Adapter
 from pipeline.prompts import PromptBuilder
-from pipeline.samples import TrainingSamples, teacher_batch
+from pipeline.samples import TrainingSamples, kept_positions, teacher_batch
 from pipeline.shift import MimicShift
 from pipeline.teacher import forward_query_states
 
@@ -63,18 +64,21 @@ class OnlineTargets:
         samples: TrainingSamples,
         shift: MimicShift,
         batches: Sequence[Sequence[int]],
-        site: str,
+        extract: ExtractConfig,
         layers: Sequence[int],
     ):
-        self.args = model, adapter, builder, samples, shift, site, layers
+        self.args = model, adapter, builder, samples, shift, extract, layers
         self.batches = list(batches)
 
     def __iter__(self):
-        model, adapter, builder, samples, shift, site, layers = self.args
+        model, adapter, builder, samples, shift, ex, layers = self.args
         for indices in self.batches:
             batch, lengths = teacher_batch(builder, samples, indices)
+            keep = kept_positions(builder, samples, indices, ex.positions, adapter.image_token_id)
             with torch.no_grad(), _disabled(shift):
-                got, _ = forward_query_states(model, adapter, batch, lengths, site, layers, all_logits=False)
+                got, _ = forward_query_states(
+                    model, adapter, batch, lengths, ex.site, layers, all_logits=False, kept=keep
+                )
             yield got.states
 
 

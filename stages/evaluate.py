@@ -13,10 +13,10 @@ from pathlib import Path
 
 from pipeline.config import load_params
 from pipeline.errors import MimicError
-from pipeline.evaluation import generate_answers, score
+from pipeline.evaluation import GenerationPrompts, generate_answers, score
 from pipeline.icd import sample_icd_sets
 from pipeline.models import load_model
-from pipeline.prompts import PromptBuilder, PromptTemplate
+from pipeline.prompts import PromptBuilder
 from pipeline.shift import attach
 from pipeline.shift_io import load_shift
 from pipeline.splits import make_splits
@@ -44,12 +44,7 @@ def evaluate(
             raise MimicError(f"run directory not found: {shift_dir} (train a shift with `mimic train` first)")
         shift = load_shift(shift_dir, loaded.adapter, device=params.model.device)
     splits = make_splits(params.data)
-    builder = PromptBuilder(
-        loaded.processor,
-        loaded.adapter.family,
-        PromptTemplate(params.prompt),
-        loaded.adapter.text_config.max_position_embeddings,
-    )
+    builder = PromptBuilder.for_model(loaded, params.prompt)
     queries = splits.eval
     icd = sample_icd_sets([q.id for q in queries], splits.support, ev.k, 1, ev.seed)
     kind = params.data.eval["kind"]
@@ -58,11 +53,18 @@ def evaluate(
         demos = [
             [splits.support[i] for i in icd[n][0]] if method == "icl" else [] for n in range(len(queries))
         ]
-        prompts = [builder.generation(d, q) for d, q in zip(demos, queries)]
+        prompts = GenerationPrompts(builder, demos, queries)
         context = attach(loaded.model, shift) if method == "mimic" else contextlib.nullcontext()
         with context:
             out = generate_answers(
-                loaded.model, builder, prompts, ev.batch_size, ev.num_beams, ev.max_new_tokens, desc=method
+                loaded.model,
+                builder,
+                prompts,
+                ev.batch_size,
+                ev.num_beams,
+                ev.max_new_tokens,
+                desc=method,
+                max_batch_tokens=ev.max_batch_tokens,
             )
         value, per = score(kind, queries, out.answers)
         report[method] = {

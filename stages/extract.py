@@ -21,8 +21,8 @@ from pipeline.cache_writer import AsyncWriter, CacheWriter
 from pipeline.config import load_params
 from pipeline.fingerprint import teacher_fingerprint
 from pipeline.models import load_model
-from pipeline.prompts import PromptBuilder, PromptTemplate
-from pipeline.samples import teacher_batch, training_samples
+from pipeline.prompts import PromptBuilder
+from pipeline.samples import kept_positions, teacher_batch, training_samples
 from pipeline.splits import make_splits
 from pipeline.teacher import forward_query_states
 
@@ -39,14 +39,13 @@ def extract(params_path: Path, out: Path, overrides: list[str], replace: bool = 
     samples = training_samples(splits.train, splits.support, ex.k, ex.m, ex.seed)
     geo = loaded.adapter.geometry
     layers = list(range(geo.num_layers)) if ex.layers is None else sorted(ex.layers)
-    builder = PromptBuilder(
-        loaded.processor,
-        loaded.adapter.family,
-        PromptTemplate(params.prompt),
-        loaded.adapter.text_config.max_position_embeddings,
-    )
-    rounds = [builder.round(q) for q in splits.train]
-    token_counts = [len(r.input_ids) for r in rounds] * ex.m
+    builder = PromptBuilder.for_model(loaded, params.prompt)
+    image_token = loaded.adapter.image_token_id
+    every = range(len(splits.train))  # sample i of ICD set 0 is query i
+    kept = kept_positions(builder, samples, every, ex.positions, image_token)
+    rounds = [builder.tokens(q) for q in splits.train]  # token counts; images are not kept
+    kept_counts = [len(r.input_ids) for r in rounds] if kept is None else [int(k.sum()) for k in kept]
+    token_counts = kept_counts * ex.m
     answer_counts = [int(r.answer_mask.sum()) for r in rounds] * ex.m
     layout = Layout(
         num_layers=len(layers),
@@ -75,8 +74,9 @@ def extract(params_path: Path, out: Path, overrides: list[str], replace: bool = 
         for first in range(0, len(todo), ex.batch_size):
             chunk = todo[first : first + ex.batch_size]
             batch, lengths = teacher_batch(builder, samples, chunk)
+            keep = kept_positions(builder, samples, chunk, ex.positions, image_token)
             got, _ = forward_query_states(
-                loaded.model, loaded.adapter, batch, lengths, ex.site, layers, ex.topk, all_logits=False
+                loaded.model, loaded.adapter, batch, lengths, ex.site, layers, ex.topk, False, keep
             )
             writes.submit_many(
                 [

@@ -22,8 +22,8 @@ from pipeline.config import load_params
 from pipeline.errors import MimicError
 from pipeline.fingerprint import teacher_fingerprint
 from pipeline.models import Loaded, load_model
-from pipeline.prompts import PromptBuilder, PromptTemplate
-from pipeline.samples import student_batch, training_samples
+from pipeline.prompts import PromptBuilder
+from pipeline.samples import kept_positions, student_batch, training_samples
 from pipeline.shift import MimicShift, attach, spec_for
 from pipeline.shift_io import save_shift
 from pipeline.splits import make_splits
@@ -60,12 +60,7 @@ def train(
     if cache is not None:  # checked before any step: model, tokenizer, data, prompts, k, M, site, layers
         reader = CacheReader.open(cache, expect=teacher_fingerprint(params, loaded, splits, layers))
     samples = training_samples(splits.train, splits.support, ex.k, ex.m, ex.seed)
-    builder = PromptBuilder(
-        loaded.processor,
-        adapter.family,
-        PromptTemplate(params.prompt),
-        adapter.text_config.max_position_embeddings,
-    )
+    builder = PromptBuilder.for_model(loaded, params.prompt)
     shift = MimicShift(spec_for(adapter, tr.variant), torch.Generator().manual_seed(tr.seed)).to(
         params.model.device
     )
@@ -106,13 +101,16 @@ def train(
             targets = (
                 CacheTargets(reader, batches)
                 if reader is not None
-                else OnlineTargets(model, adapter, builder, samples, shift, batches, ex.site, layers)
+                else OnlineTargets(model, adapter, builder, samples, shift, batches, ex, layers)
             )
             bar = tqdm(zip(batches, targets), total=len(batches), desc=f"train epoch {epoch + 1}/{tr.epochs}")
             for i, (indices, target) in enumerate(bar):
                 batch, lengths = student_batch(builder, samples, indices)
+                keep = kept_positions(builder, samples, indices, ex.positions, adapter.image_token_id)
                 with autocast():
-                    got, logits = forward_query_states(model, adapter, batch, lengths, ex.site, layers)
+                    got, logits = forward_query_states(
+                        model, adapter, batch, lengths, ex.site, layers, kept=keep
+                    )
                     ce = answer_ce(logits, batch)
                     align = alignment_loss(got.states, [t.to(logits.device) for t in target])
                     loss = tr.ce_weight * ce + tr.align_weight * align

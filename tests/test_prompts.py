@@ -104,6 +104,18 @@ def test_bad_templates_and_lengths_are_refused():
         assemble([teacher], family_for("llava"), max_length=10)
 
 
-def test_family_without_segment_prompts_is_refused_clearly():
-    with pytest.raises(MimicError, match="idefics prompts cannot be assembled"):
-        PromptBuilder(build_processor(), family_for("idefics"), PromptTemplate())
+def test_builder_keeps_tokens_of_every_round_but_images_of_the_latest_only():
+    from pipeline.data import load_embedded
+
+    items = load_embedded("color", "support", 6, 0)
+    processor = build_processor()
+    bounded = PromptBuilder(processor, family_for("llava"), PromptTemplate(), image_cache=2)
+    unbounded = PromptBuilder(processor, family_for("llava"), PromptTemplate(), image_cache=0)
+    first = [bounded.round(item) for item in items]
+    assert len(bounded._images) == 2 and len(bounded._tokens) == 6
+    for item, was in zip(items, first):  # evicted rounds are encoded again, to the same tensors
+        again, fresh = bounded.round(item), unbounded.round(item)
+        assert torch.equal(again.input_ids, was.input_ids) and torch.equal(again.answer_mask, was.answer_mask)
+        assert torch.equal(again.images["pixel_values"], fresh.images["pixel_values"])
+        assert bounded.tokens(item).images == {}
+    assert len(unbounded._images) == 0

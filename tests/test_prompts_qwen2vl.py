@@ -75,8 +75,8 @@ def teacher_and_student(processor, family, k: int, sizes=SQUARE, query_seed: int
 def whole_prompt(processor, k: int, sizes=MIXED, query_seed: int = 9) -> dict[str, torch.Tensor]:
     """The teacher prompt of `k` demonstrations encoded by the processor in one call: an independent reference."""
     template, family = PromptTemplate(), family_for("qwen2_vl")
-    rounds = [template.prefix(family, q) + template.answer_part(a) for q, a in DEMOS[:k]]
-    rounds.append(template.prefix(family, "what is this ?") + template.answer_part("red"))
+    rounds = [template.text(family, q, a) for q, a in DEMOS[:k]]
+    rounds.append(template.text(family, "what is this ?", "red"))
     images = [image(i, *size) for i, size in zip(range(k), sizes)] + [image(query_seed)]
     text = processor.tokenizer.bos_token + "".join(rounds)
     return dict(processor(text=[text], images=images, add_special_tokens=False, return_tensors="pt"))
