@@ -10,7 +10,14 @@ from pathlib import Path
 
 import torch
 import transformers
-from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor, PretrainedConfig
+from transformers import (
+    AutoConfig,
+    AutoImageProcessor,
+    AutoModelForImageTextToText,
+    AutoProcessor,
+    AutoTokenizer,
+    PretrainedConfig,
+)
 
 from pipeline.errors import MimicError
 from pipeline.families import Adapter, family_for
@@ -72,14 +79,18 @@ def load_processor(path: Path, model_type: str):
     (the pipeline never uses video). Any other failure is one line naming the directory."""
     try:
         return AutoProcessor.from_pretrained(path, local_files_only=True)
-    except ImportError as err:
+    except (ImportError, OSError) as err:
+        # ImportError from the video processor class; OSError "Can't load video processor" where the image
+        # processor is saved only inside processor_config.json
+        if isinstance(err, OSError) and "video processor" not in str(err):
+            raise MimicError(f"no usable processor in {path}: {_one_line(err)}") from err
         cls = _processor_class(model_type)
         if cls is None or "video_processor" not in inspect.signature(cls.__init__).parameters:
             raise MimicError(
                 f"the processor in {path} needs a package that is missing: {_one_line(err)}"
             ) from err
         try:
-            return _without_video(cls).from_pretrained(path, local_files_only=True)
+            return _without_video(cls, path)
         except Exception as inner:  # noqa: BLE001 - any failure of a user's files is reported in one line
             raise MimicError(f"no usable processor in {path}: {_one_line(inner)}") from inner
     except Exception as err:  # noqa: BLE001
@@ -93,16 +104,26 @@ def _processor_class(model_type: str):
     return getattr(transformers, name, None) if isinstance(name, str) else None
 
 
-def _without_video(cls):
-    """A subclass of processor class `cls` whose parts are its image processor and tokenizer only."""
+def _without_video(cls, path: Path):
+    """Processor class `cls` built from the image processor and tokenizer saved in `path` and the settings of
+    its processor_config.json, without the video processor."""
 
-    def __init__(self, image_processor=None, tokenizer=None, chat_template=None, **kwargs):
-        kwargs.pop("video_processor", None)
-        cls.__init__(
-            self, image_processor=image_processor, tokenizer=tokenizer, chat_template=chat_template, **kwargs
-        )
+    def __init__(self, image_processor=None, tokenizer=None, **kwargs):
+        cls.__init__(self, image_processor=image_processor, tokenizer=tokenizer, **kwargs)
 
-    return type(cls.__name__, (cls,), {"__init__": __init__})
+    signature = inspect.signature(cls.__init__)
+    kept = [p for n, p in signature.parameters.items() if n != "video_processor"]
+    __init__.__signature__ = signature.replace(
+        parameters=kept
+    )  # what transformers reads a processor's parts off
+    image_only = type(cls.__name__, (cls,), {"__init__": __init__})
+    saved = path / "processor_config.json"
+    settings = json.loads(saved.read_text()) if saved.is_file() else {}
+    parts = ("self", "image_processor", "tokenizer", "video_processor")
+    kwargs = {k: v for k, v in settings.items() if k in signature.parameters and k not in parts}
+    images = AutoImageProcessor.from_pretrained(path, local_files_only=True)
+    tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    return image_only(image_processor=images, tokenizer=tokenizer, **kwargs)
 
 
 def _one_line(err: BaseException) -> str:

@@ -1,0 +1,242 @@
+"""Every family with real tokenizer classes (byte-level BPE, Metaspace) and real processors, images of different
+sizes: segment-assembled prompts equal one processor call, left-padded batches equal their rows alone with the
+shift on (student, teacher, generation), generation stops at the newline."""
+
+from __future__ import annotations
+
+import functools
+
+import pytest
+import torch
+from real_checkpoints import (
+    FAMILY_NAMES,
+    IMAGE_SIZES,
+    QUESTIONS,
+    SPECS,
+    build_model,
+    fixture_image,
+    processor_for,
+)
+
+from pipeline.data import Item
+from pipeline.evaluation import generate_answers, newline_tokens
+from pipeline.families import Adapter
+from pipeline.prompts import PromptBuilder, PromptTemplate
+from pipeline.shift import MimicShift, attach, spec_for
+from pipeline.teacher import forward_inputs, model_inputs
+
+TEMPLATE = PromptTemplate()
+ANSWERS = ("red", "yes", "2", "blue", "no", "green")
+# image keys a family's processor returns beside input_ids / attention_mask, compared with one processor call
+IMAGE_KEYS = ("pixel_values", "pixel_attention_mask", "image_sizes", "image_grid_thw", "image_attention_mask")
+
+
+@functools.cache
+def setup(name: str):
+    """Processor, model (SDPA, frozen), family and a builder for family `name`; items whose images differ in
+    size and aspect ratio and whose questions differ in length."""
+    processor = processor_for(name)
+    model = build_model(name, processor)
+    model.set_attn_implementation("sdpa")
+    model.requires_grad_(False)
+    adapter = Adapter(model)
+    builder = PromptBuilder(processor, adapter.family, TEMPLATE, max_length=4096)
+    items = [
+        Item(
+            f"q{n}",
+            (fixture_image(("red", "blue", "green")[n % 3], 1 + n % 3, IMAGE_SIZES[n % 4], seed=n),),
+            QUESTIONS[n % len(QUESTIONS)][0].format(c="red"),
+            (ANSWERS[n],),
+        )
+        for n in range(6)
+    ]
+    return processor, model, adapter, builder, items
+
+
+def one_call(name: str, prompts: list[tuple[list[Item], Item, bool]]) -> dict[str, torch.Tensor]:
+    """The processor's own encoding of whole prompts (demonstrations, query, with its answer or not), left
+    padded: the independent reference for segment assembly."""
+    processor, _, adapter, _, _ = setup(name)
+    family = adapter.family
+    if name == "idefics":  # the prompt-list form: each image becomes <fake><image><fake> in place, BOS added
+        lists = []
+        for demos, query, answered in prompts:
+            pieces = []
+            for item, answer in [*((d, True) for d in demos), (query, answered)]:
+                text = TEMPLATE.text(family, item.question, item.answers[0]) if answer else None
+                text = text or TEMPLATE.prefix(family, item.question)
+                pieces += [item.images[0], text.replace(family.image_placeholder, "")]
+            lists.append(pieces)
+        processor.tokenizer.padding_side = "left"
+        return dict(
+            processor(text=lists, add_end_of_utterance_token=False, padding=True, return_tensors="pt")
+        )
+    texts, images = [], []
+    for demos, query, answered in prompts:
+        rounds = [TEMPLATE.text(family, d.question, d.answers[0]) for d in demos]
+        last = TEMPLATE.text(family, query.question, query.answers[0]) if answered else None
+        rounds.append(last or TEMPLATE.prefix(family, query.question))
+        texts.append((processor.tokenizer.bos_token or "") + "".join(rounds))
+        images.append([item.images[0] for item in [*demos, query]])
+    # Idefics2 takes images nested per prompt; the others one flat list (LLaVA-OneVision: each image with its
+    # own anyres patches, as each round is encoded)
+    flat = images if family.image_axis == 1 else [image for row in images for image in row]
+    processor.tokenizer.padding_side = "left"
+    out = processor(text=texts, images=flat, add_special_tokens=False, padding=True, return_tensors="pt")
+    return dict(out)
+
+
+def assert_same_inputs(ours: dict, reference: dict):
+    assert torch.equal(ours["input_ids"], reference["input_ids"])
+    assert torch.equal(ours["attention_mask"], reference["attention_mask"])
+    for key in (*IMAGE_KEYS, "mm_token_type_ids"):
+        if key in reference:
+            assert key in ours, key
+            assert ours[key].shape == reference[key].shape, key
+            assert torch.equal(ours[key].to(reference[key].dtype), reference[key]), key
+
+
+@pytest.mark.parametrize("name", FAMILY_NAMES)
+def test_assembled_prompts_equal_one_processor_call(name):
+    _, _, _, builder, items = setup(name)
+    demos, query = items[:3], items[3]
+    cases = {
+        "teacher": (builder.teacher(demos, query), (demos, query, True)),
+        "student": (builder.student(query), ([], query, True)),
+        "generation": (builder.generation(demos, query), (demos, query, False)),
+        "zero-shot": (builder.generation([], items[4]), ([], items[4], False)),
+    }
+    for what, (segment, prompt) in cases.items():
+        assert_same_inputs(builder.collate([segment]), one_call(name, [prompt])), what
+    # a batch of prompts of different lengths and images of different sizes, padded as the processor pads it
+    batch = [
+        cases["teacher"],
+        cases["zero-shot"],
+        (builder.teacher(items[4:5], items[5]), (items[4:5], items[5], True)),
+    ]
+    assert_same_inputs(builder.collate([s for s, _ in batch]), one_call(name, [p for _, p in batch]))
+    # the answer tokens are what one-call tokenization gives the answer, and they come last
+    student = cases["student"][0]
+    answer = builder.processor.tokenizer.decode(student.input_ids[student.answer_mask])
+    assert answer.strip() == query.answers[0] and student.answer_mask[-1]
+
+
+def unit_shift(adapter) -> MimicShift:
+    """A shift with unit-scale w, so that log Z1 = w . q depends on q's rotary positions; v large enough to show."""
+    shift = MimicShift(spec_for(adapter), torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        g = torch.Generator().manual_seed(1)
+        shift.w.copy_(torch.randn(shift.w.shape, generator=g))
+        shift.v.copy_(torch.randn(shift.v.shape, generator=g))
+    return shift
+
+
+def rows_alone_vs_batch(model, adapter, builder, segments, positions: bool = True) -> float:
+    """Largest logit difference between a left-padded batch and each row run alone, at the real tokens."""
+
+    def run(batch):
+        inputs = forward_inputs(adapter, batch, "cpu") if positions else model_inputs(batch, "cpu")
+        return model(**inputs, use_cache=False).logits
+
+    with torch.no_grad():
+        logits = run(builder.collate(segments))
+        worst = 0.0
+        for row, segment in enumerate(segments):
+            alone = run(builder.collate([segment]))[0]
+            worst = max(worst, (logits[row, -len(segment.input_ids) :] - alone).abs().max().item())
+    return worst
+
+
+@pytest.mark.parametrize("name", FAMILY_NAMES)
+def test_left_padded_batch_equals_rows_alone_with_the_shift_on(name):
+    _, model, adapter, builder, items = setup(name)
+    teacher = [builder.teacher(items[:k], items[3 + k]) for k in (0, 1, 2)]
+    student = [builder.student(items[n]) for n in (0, 1, 4)]
+    with attach(model, unit_shift(adapter)):
+        assert rows_alone_vs_batch(model, adapter, builder, teacher) <= 1e-5
+        assert rows_alone_vs_batch(model, adapter, builder, student) <= 1e-5
+        if adapter.family.position_ids:  # what the positions fix: without them the rows shift
+            assert rows_alone_vs_batch(model, adapter, builder, teacher, positions=False) > 1e-3
+        prompts = [builder.generation(items[:k], items[3 + k]) for k in (0, 1, 2)]
+        batched = greedy_logits(model, builder, prompts)
+        for row, prompt in enumerate(prompts):
+            alone = greedy_logits(model, builder, [prompt])
+            steps = min(len(alone), len(batched))
+            assert steps >= 1
+            for step in range(steps):
+                assert (batched[step][row] - alone[step][0]).abs().max().item() <= 1e-5
+
+
+def greedy_logits(model, builder, prompts, steps: int = 3) -> list[torch.Tensor]:
+    """Per-step logits [B, vocab] of greedy decoding, with the KV cache, as generate_answers runs it."""
+    tokenizer = builder.processor.tokenizer
+    with torch.no_grad():
+        out = model.generate(
+            **model_inputs(builder.collate(prompts), "cpu"),
+            max_new_tokens=steps,
+            min_new_tokens=steps,
+            do_sample=False,
+            pad_token_id=tokenizer.pad_token_id,
+            output_logits=True,
+            return_dict_in_generate=True,
+        )
+    return list(out.logits)
+
+
+@pytest.mark.parametrize("name", ["llava", "idefics2"])  # byte-level BPE and Metaspace vocabularies
+def test_generation_stops_at_the_newline(name):
+    _, model, adapter, builder, items = setup(name)
+    tokenizer = builder.processor.tokenizer
+    newline = tokenizer.convert_tokens_to_ids(SPECS[name].newline)
+    assert newline in newline_tokens(tokenizer) and "\n" not in tokenizer.get_vocab()
+    prompts = [builder.generation(items[:1], items[2]), builder.generation([], items[3])]
+    widths: list[int] = []
+    original = model.generate
+
+    def spy(**kwargs):
+        out = original(**kwargs)
+        widths.append(out.shape[1] - kwargs["input_ids"].shape[1])
+        return out
+
+    def favour_newline(_module, _args, logits):  # the newline becomes the best token at the second step
+        if logits.shape[1] == 1 and getattr(favour_newline, "steps", 0) >= 1:
+            logits[..., newline] += 1e4
+        favour_newline.steps = getattr(favour_newline, "steps", 0) + 1
+        return logits
+
+    handle = model.lm_head.register_forward_hook(favour_newline)
+    model.generate = spy
+    try:
+        out = generate_answers(model, builder, prompts, 2, 1, max_new_tokens=8)
+    finally:
+        handle.remove()
+        del model.generate
+    assert widths == [2]  # one token, then the newline: not max_new_tokens
+    assert all("\n" not in a for a in out.answers)
+
+
+@pytest.mark.parametrize("name", FAMILY_NAMES)
+def test_saved_checkpoint_loads_with_a_processor_that_encodes_the_same(name, tmp_path):
+    from real_checkpoints import save_tiny_checkpoint
+
+    from pipeline.models import load_model
+
+    save_tiny_checkpoint(name, tmp_path)
+    loaded = load_model(str(tmp_path))  # without torchvision: Qwen2-VL / OneVision lose only their video part
+    _, _, _, builder, items = setup(name)
+    again = PromptBuilder.for_model(loaded, TEMPLATE.round)
+    for mine, theirs in ((builder.teacher(items[:2], items[2]), again.teacher(items[:2], items[2])),):
+        assert_same_inputs(again.collate([theirs]), builder.collate([mine]))
+    assert type(loaded.processor).__name__ == type(builder.processor).__name__
+
+
+def test_a_broken_processor_is_one_clear_error(tmp_path):
+    from real_checkpoints import save_tiny_checkpoint
+
+    from pipeline.errors import MimicError
+    from pipeline.models import load_model
+
+    save_tiny_checkpoint("qwen2_vl", tmp_path)
+    (tmp_path / "tokenizer.json").write_text("{not json")
+    with pytest.raises(MimicError, match=f"no usable processor in {tmp_path}"):
+        load_model(str(tmp_path))
