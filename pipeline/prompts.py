@@ -17,6 +17,7 @@ spaces: byte-level BPE and SentencePiece vocabularies fold the space into the an
 
 from __future__ import annotations
 
+import logging
 from collections import OrderedDict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
@@ -26,6 +27,7 @@ import torch
 from pipeline.errors import MimicError
 from pipeline.families import Family
 
+log = logging.getLogger(__name__)
 TEXT_KEYS = ("input_ids", "attention_mask")
 # Processor outputs aligned with input_ids ([1, t], 0 = text), e.g. Qwen2-VL's mm_token_type_ids, which its M-RoPE
 # needs: joined along the token axis like input_ids, never along the image axis.
@@ -215,6 +217,12 @@ class PromptBuilder:
         image_cache: int = 256,
     ):
         self.processor, self.family, self.template, self.max_length = processor, family, template, max_length
+        if not template.round.startswith("{image}"):
+            log.warning(
+                "prompt template %r does not start with {image}: rounds are tokenized one at a time, and joined "
+                "text may tokenize differently across a round boundary than the whole prompt would",
+                template.round,
+            )
         self._bos = bos_segment(processor)
         self._tokens: dict[tuple[str, bool], Segment] = {}  # rounds without their image tensors
         self._images: OrderedDict[tuple[str, bool], dict[str, torch.Tensor]] = OrderedDict()

@@ -43,3 +43,16 @@ def test_unknown_and_missing_keys_listed_together(tmp_path):
 def test_missing_params_file(tmp_path):
     with pytest.raises(MimicError, match="params file not found"):
         load_params(tmp_path / "nope.yaml")
+
+
+def test_the_readme_real_checkpoint_example_parses(tmp_path):
+    text = (ROOT / "README.md").read_text()
+    block = text.split("```yaml\n", 1)[1].split("```", 1)[0]  # the real-checkpoint parameters
+    raw = yaml.safe_load(block)
+    raw["prompt"] = yaml.safe_load((ROOT / "params.yaml").read_text())[
+        "prompt"
+    ]  # the README keeps the default
+    path = tmp_path / "params.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    params = load_params(path)
+    assert params.extract.k == 8 and params.extract.positions == "text" and params.evaluate.num_beams == 3
