@@ -42,16 +42,16 @@ def main() -> None:
                 )
             )
     lat = {
-        m: statistics.median(r[m]["latency_ms_per_sample"] for r in reports)
+        m: statistics.median(r["latency"][m]["ms_per_sample"] for r in reports)
         for m in ("zero_shot", "icl", "mimic")
     }
     mimic_vs_zero = statistics.median(
-        r["mimic"]["latency_ms_per_sample"] / r["zero_shot"]["latency_ms_per_sample"] for r in reports
+        r["latency"]["mimic"]["ms_per_sample"] / r["latency"]["zero_shot"]["ms_per_sample"] for r in reports
     )
     icl_vs_mimic = statistics.median(
-        r["icl"]["latency_ms_per_sample"] / r["mimic"]["latency_ms_per_sample"] for r in reports
+        r["latency"]["icl"]["ms_per_sample"] / r["latency"]["mimic"]["ms_per_sample"] for r in reports
     )
-    tokens = {m: reports[0][m]["prompt_tokens_per_sample"] for m in lat}
+    tokens = {m: reports[0]["latency"][m]["prompt_tokens_per_sample"] for m in lat}
     print(f"embedded model, {args.n_eval} queries, median of {args.repeats} runs, torch {torch.__version__}")
     print(f"{'method':<10} {'ms/sample':>10} {'prompt tokens':>14}")
     for m in lat:

@@ -26,7 +26,7 @@ from pipeline.models import load_model
 from pipeline.prompts import PromptBuilder, PromptTemplate
 from pipeline.samples import teacher_batch, training_samples
 from pipeline.splits import make_splits
-from pipeline.teacher import forward_query_states, model_inputs
+from pipeline.teacher import forward_inputs, forward_query_states
 from stages.extract import extract
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -40,8 +40,8 @@ def teacher_forwards(overrides: list[str], hooks: bool) -> float:
     ex = params.extract
     samples = training_samples(splits.train, splits.support, ex.k, ex.m, ex.seed)
     builder = PromptBuilder(loaded.processor, loaded.adapter.family, PromptTemplate(params.prompt), 4096)
-    for query in splits.train:  # as extract does before its loop: query rounds are encoded up front
-        builder.round(query)
+    for query in splits.train:  # as extract does before its loop: query rounds are counted up front
+        builder.tokens(query)
     layers = list(range(loaded.adapter.geometry.num_layers))
     start = time.perf_counter()
     with torch.no_grad():
@@ -54,7 +54,7 @@ def teacher_forwards(overrides: list[str], hooks: bool) -> float:
                     loaded.model, loaded.adapter, batch, lengths, ex.site, layers, ex.topk, all_logits=False
                 )
             else:
-                loaded.model(**model_inputs(batch, params.model.device))
+                loaded.model(**forward_inputs(loaded.adapter, batch, params.model.device))
     return time.perf_counter() - start
 
 

@@ -169,9 +169,10 @@ class CacheReader:
         )
         if diff:
             key, have, want = diff
+            what = "model" if "model" in key else "data" if "content" in key else key
             raise MimicError(
                 f"{path}: fingerprint '{key}' differs (cache {have!r}, expected {want!r}): the cache was written for "
-                f"another {'model' if 'model' in key else key}; rerun mimic extract with this configuration"
+                f"another {what}; rerun mimic extract with this configuration"
             )
         return cls(store, verify)
 

@@ -7,6 +7,7 @@ as "field=value" strings (the CLI's `--set`), parsed as YAML scalars and checked
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, fields
@@ -15,6 +16,13 @@ from pathlib import Path
 import yaml
 
 from pipeline.errors import MimicError
+
+
+def _at_least(section: str, minimum: int | float, **values) -> None:
+    """One error naming every field of `section` below its minimum."""
+    low = [f"{section}.{k}={v!r}" for k, v in values.items() if v is not None and v < minimum]
+    if low:
+        raise MimicError(f"{', '.join(low)}: must be at least {minimum}")
 
 
 @dataclass(frozen=True)
@@ -33,6 +41,9 @@ class DataConfig:
     n_eval: int  # evaluation queries, drawn from `eval`
     seed: int  # picks the support, training and evaluation items
 
+    def __post_init__(self):
+        _at_least("data", 1, n_support=self.n_support, n_train=self.n_train, n_eval=self.n_eval)
+
 
 @dataclass(frozen=True)
 class ExtractConfig:
@@ -48,6 +59,10 @@ class ExtractConfig:
     seed: int  # ICD sampling seed
 
     def __post_init__(self):
+        _at_least("extract", 1, k=self.k, m=self.m, batch_size=self.batch_size)
+        _at_least("extract", 0, topk=self.topk, chunk_tokens=self.chunk_tokens)
+        if self.layers is not None and (not self.layers or min(self.layers) < 0):
+            raise MimicError(f"extract.layers={self.layers!r}: give layer numbers from 0, or null for all")
         if self.positions not in ("all", "text"):
             raise MimicError(f"extract.positions must be all or text, got {self.positions!r}")
 
@@ -67,6 +82,16 @@ class TrainConfig:
     precision: str  # fp32 | bf16 | fp16 (autocast; GPU only)
     seed: int  # shift initialisation and batch order
 
+    def __post_init__(self):
+        _at_least("train", 1, epochs=self.epochs, batch_size=self.batch_size, grad_accum=self.grad_accum)
+        _at_least("train", 0, weight_decay=self.weight_decay, ce_weight=self.ce_weight)
+        _at_least("train", 0, align_weight=self.align_weight, warmup=self.warmup)
+        if not (self.lr > 0 and self.clip > 0 and self.warmup < 1):
+            raise MimicError(
+                f"train.lr={self.lr}, train.clip={self.clip}, train.warmup={self.warmup}: lr and clip must be "
+                "positive, warmup a fraction below 1"
+            )
+
 
 @dataclass(frozen=True)
 class EvaluateConfig:
@@ -77,6 +102,11 @@ class EvaluateConfig:
     num_beams: int  # 1 = greedy; the paper uses 3 for VQA
     max_new_tokens: int  # the paper uses 10 for VQA
     seed: int  # demonstration sampling for icl
+
+    def __post_init__(self):
+        _at_least("evaluate", 1, k=self.k, batch_size=self.batch_size, num_beams=self.num_beams)
+        _at_least("evaluate", 1, max_new_tokens=self.max_new_tokens)
+        _at_least("evaluate", 0, max_batch_tokens=self.max_batch_tokens)
 
 
 @dataclass(frozen=True)
@@ -94,6 +124,13 @@ def _check(value, kind, where: str):
     origin = typing.get_origin(kind)
     if kind is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
+    if kind is float and isinstance(value, str):  # YAML 1.1 reads 1e-3 (no dot) as a string
+        try:
+            number = float(value)
+        except ValueError:
+            raise MimicError(f"{where} must be a number, got {value!r}") from None
+        if math.isfinite(number):
+            return number
     if origin in (typing.Union, types.UnionType):
         args = typing.get_args(kind)
         if value is None and type(None) in args:
@@ -138,9 +175,15 @@ def apply_overrides(data: dict, overrides: list[str], where: str) -> dict:
             if not isinstance(node.get(key), dict):
                 raise MimicError(f"override {item!r}: {where} has no section {key!r}")
             node = node[key]
-        if keys[-1] not in node:
+        if (
+            keys[-1] not in node and len(keys) < 3
+        ):  # deeper keys are inside a free-form mapping (data.train.*)
             raise MimicError(f"override {item!r}: {where} has no field {path!r}")
-        node[keys[-1]] = yaml.safe_load(raw)
+        try:
+            node[keys[-1]] = yaml.safe_load(raw)
+        except yaml.YAMLError as err:
+            problem = " ".join(str(getattr(err, "problem", "") or err).split())
+            raise MimicError(f"override {item!r}: the value is not valid YAML ({problem})") from err
     return data
 
 

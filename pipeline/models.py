@@ -56,15 +56,47 @@ def resolve_model_path(name_or_path: str) -> Path:
     return path
 
 
+def check_model(
+    name_or_path: str, dtype: str = "float32", device: str = "cpu", layers: list[int] | None = None
+) -> PretrainedConfig:
+    """Everything about the model that can be checked without reading a weight: the directory, its family, the
+    dtype, the device, and that `layers` exist in its text decoder. Returns the config."""
+    if dtype not in DTYPES:
+        raise MimicError(f"unknown dtype {dtype!r}: choose one of {', '.join(DTYPES)}")
+    check_device(device)
+    path = resolve_model_path(name_or_path)
+    try:
+        config = AutoConfig.from_pretrained(path, local_files_only=True)
+    except (OSError, ValueError) as err:
+        raise MimicError(f"{path / 'config.json'} cannot be read: {_one_line(err)}") from err
+    family = family_for(config.model_type)
+    text = getattr(config, family.text_config) if family.text_config else config
+    count = text.num_hidden_layers
+    if layers is not None and any(not 0 <= layer < count for layer in layers):
+        raise MimicError(f"extract.layers={layers}: the model has {count} decoder layers (0..{count - 1})")
+    return config
+
+
+def check_device(device: str) -> None:
+    """A device that exists here, or one line saying what is missing."""
+    try:
+        kind = torch.device(device).type
+    except RuntimeError as err:
+        raise MimicError(f"model.device={device!r} is not a device (cpu, cuda, cuda:1, mps)") from err
+    available = {"cpu": True, "cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available()}
+    if not available.get(kind, False):
+        raise MimicError(f"model.device={device!r}, but this machine has no {kind} device (use cpu)")
+    if kind == "cuda" and (index := torch.device(device).index) is not None:
+        if index >= torch.cuda.device_count():
+            raise MimicError(f"model.device={device!r}: only {torch.cuda.device_count()} CUDA devices here")
+
+
 def load_model(
     name_or_path: str, dtype: str = "float32", device: str = "cpu", with_processor: bool = True
 ) -> Loaded:
     """Load with `from_pretrained(dir)` from local files only; the family is checked before any weight is read."""
-    if dtype not in DTYPES:
-        raise MimicError(f"unknown dtype {dtype!r}: choose one of {', '.join(DTYPES)}")
     path = resolve_model_path(name_or_path)
-    config = AutoConfig.from_pretrained(path, local_files_only=True)
-    family_for(config.model_type)
+    config = check_model(name_or_path, dtype, device)
     model = AutoModelForImageTextToText.from_pretrained(
         path, dtype=DTYPES[dtype], attn_implementation="sdpa", local_files_only=True
     )

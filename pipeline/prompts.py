@@ -79,17 +79,32 @@ def encode_round(
 ) -> Segment:
     """Tokenize one round in one call: with its answer (a demonstration, a training query), or only its prompt
     (answer None: a generation prompt). The answer tokens are the round's last ones."""
+    if answer is not None and not answer.strip():
+        raise MimicError(f"empty answer for question {question!r}: a round needs an answer to show")
+    # A special token before the round: its first word is tokenized as it is inside a prompt (after the
+    # previous round or BOS), not as the start of a text (SentencePiece prepends "▁" there), then dropped.
+    lead = _lead_token(processor.tokenizer)
     prompt = template.prefix(family, question, len(images))
     text = prompt if answer is None else template.text(family, question, answer, len(images))
-    encoded = _encode(processor, family, text, images)
+    encoded = _encode(processor, family, lead + text, images)
     ids = encoded["input_ids"][0].long()
-    n = 0 if answer is None else _answer_length(processor.tokenizer, prompt, text, ids)
+    if ids[0].item() != processor.tokenizer.convert_tokens_to_ids(lead):
+        raise MimicError(f"the processor does not keep the special token {lead!r} at the start of a text")
+    ids = ids[1:]
+    n = 0 if answer is None else _answer_length(processor.tokenizer, lead + prompt, lead + text, ids, answer)
     mask = torch.zeros(len(ids), dtype=torch.bool)
     mask[len(ids) - n :] = True
     skip = TEXT_KEYS + TOKEN_KEYS
     image_tensors = {k: v for k, v in encoded.items() if k not in skip and isinstance(v, torch.Tensor)}
-    types = {k: encoded[k][0].long() for k in TOKEN_KEYS if k in encoded}
+    types = {k: encoded[k][0, 1:].long() for k in TOKEN_KEYS if k in encoded}
     return Segment(ids, mask, image_tensors, types)
+
+
+def _lead_token(tokenizer) -> str:
+    for token in (tokenizer.bos_token, tokenizer.pad_token, tokenizer.eos_token, tokenizer.unk_token):
+        if token:
+            return str(token)
+    raise MimicError("the tokenizer has no BOS, pad, EOS or unknown token to tokenize rounds after")
 
 
 def _encode(processor, family: Family, text: str, images: Sequence) -> dict:
@@ -109,18 +124,20 @@ def _encode(processor, family: Family, text: str, images: Sequence) -> dict:
     return processor(text=[text], add_special_tokens=False, return_tensors="pt", **kwargs)
 
 
-def _answer_length(tokenizer, prompt: str, text: str, ids: torch.Tensor) -> int:
+def _answer_length(tokenizer, prompt: str, text: str, ids: torch.Tensor, answer: str) -> int:
     """How many of the round's last tokens are its answer: the tokens `text` has beyond `prompt`.
     Image placeholders count as the single tokens they are in the tokenizer; the processor's expansion of them
     sits before the answer and does not change its tokens."""
     head = tokenizer(prompt, add_special_tokens=False)["input_ids"]
     whole = tokenizer(text, add_special_tokens=False)["input_ids"]
     n = len(whole) - len(head)
-    if whole[: len(head)] != head or n <= 0 or ids[len(ids) - n :].tolist() != whole[len(whole) - n :]:
+    if whole[: len(head)] != head:
         raise MimicError(
-            f"the tokenizer joins the end of the prompt {prompt[-24:]!r} with the answer into one token; end the "
-            "template's text before {answer} with a space, a colon or a newline"
+            f"the tokenizer joins the end of the prompt {prompt[-24:]!r} with the answer {answer!r} into one "
+            "token; end the template's text before {answer} with a space or a newline"
         )
+    if n <= 0 or ids[len(ids) - n :].tolist() != whole[len(whole) - n :]:
+        raise MimicError(f"the answer {answer!r} after {prompt[-24:]!r} gives no tokens of its own")
     return n
 
 
@@ -164,16 +181,33 @@ def assemble(segments: Sequence[Segment], family: Family, max_length: int | None
     return Segment(ids, torch.cat([s.answer_mask for s in segments]), joined, types)
 
 
-def image_attention_mask(input_ids: torch.Tensor, image_token_id: int, num_images: int) -> torch.Tensor:
-    """Idefics v1's [B, T, images] mask: each token sees the most recent image at or before it, tokens before the
-    first image none. A function of the (left-padded) ids, so it is rebuilt on every assembled batch."""
-    latest = (input_ids == image_token_id).long().cumsum(-1) - 1  # (B, T), -1 = no image yet
+def image_attention_mask(
+    input_ids: torch.Tensor, image_token_id: int, num_images: int, eos_token_id: int | None = None
+) -> torch.Tensor:
+    """Idefics v1's [B, T, images] mask, as its processor computes it for a whole prompt: each token sees the
+    most recent image at or before it; tokens before the first image, and tokens after an EOS until the next
+    image, see none. A function of the (left-padded) ids, so it is rebuilt on every assembled batch."""
+    t = input_ids.shape[1]
+    positions = torch.arange(t).expand_as(input_ids)
+    is_image = input_ids == image_token_id
+    latest = is_image.long().cumsum(-1) - 1  # (B, T), -1 = no image yet
+    last_image = torch.where(is_image, positions, -1).cummax(-1).values  # (B, T)
+    sees = latest >= 0
+    if eos_token_id is not None:  # an EOS at or after the last image, strictly before the token, blinds it
+        is_eos = torch.zeros_like(is_image)
+        is_eos[:, 1:] = input_ids[:, :-1] == eos_token_id
+        last_eos = torch.where(is_eos, positions - 1, -1).cummax(-1).values  # latest EOS before each token
+        sees &= last_image > last_eos
     seen = torch.nn.functional.one_hot(latest.clamp_min(0), max(num_images, 1))  # (B, T, images)
-    return seen * (latest >= 0)[..., None]
+    return seen * sees[..., None]
 
 
 def collate(
-    sequences: Sequence[Segment], family: Family, pad_id: int, image_token_id: int | None = None
+    sequences: Sequence[Segment],
+    family: Family,
+    pad_id: int,
+    image_token_id: int | None = None,
+    eos_token_id: int | None = None,
 ) -> dict[str, torch.Tensor]:
     """A left-padded batch: input_ids and attention_mask [B, T], answer_mask [B, T], image tensors joined (and
     padded) as the family's processor batches them; Idefics v1's image_attention_mask from the ids."""
@@ -199,14 +233,15 @@ def collate(
         if image_token_id is None:
             raise ValueError(f"{family.name} batches need the image token id")
         count = out["pixel_values"].shape[1] if "pixel_values" in out else 1
-        out["image_attention_mask"] = image_attention_mask(ids, image_token_id, count)
+        out["image_attention_mask"] = image_attention_mask(ids, image_token_id, count, eos_token_id)
     return out
 
 
 class PromptBuilder:
-    """Teacher, student and generation inputs for items. Each round is tokenized once: its tokens are kept for
-    the life of the builder (a few KiB), its image tensors only for the `image_cache` most recent rounds, so
-    memory does not grow with the data (a round whose images were dropped is encoded again when next used)."""
+    """Teacher, student and generation inputs for items. Each round's tokens are kept for the life of the
+    builder (a few KiB), its image tensors only for the `image_cache` most recent rounds (a 640 x 480 image is
+    7-29 MiB of tensors in Qwen2-VL or Idefics2 with splitting), so memory does not grow with the data; a round
+    whose images were dropped is encoded again when next used."""
 
     def __init__(
         self,
@@ -214,13 +249,13 @@ class PromptBuilder:
         family: Family,
         template: PromptTemplate,
         max_length: int | None = None,
-        image_cache: int = 256,
+        image_cache: int = 32,
     ):
         self.processor, self.family, self.template, self.max_length = processor, family, template, max_length
-        if not template.round.startswith("{image}"):
+        if not (template.round.startswith("{image}") or template.round[-1].isspace()):
             log.warning(
-                "prompt template %r does not start with {image}: rounds are tokenized one at a time, and joined "
-                "text may tokenize differently across a round boundary than the whole prompt would",
+                "prompt template %r neither starts with {image} nor ends with a space or newline: the end of one "
+                "round and the start of the next may tokenize as one word in the whole prompt, not as joined here",
                 template.round,
             )
         self._bos = bos_segment(processor)
@@ -232,6 +267,7 @@ class PromptBuilder:
         self.image_token_id = (
             tokenizer.convert_tokens_to_ids("<image>") if family.image_attention_mask else None
         )
+        self.eos_id = tokenizer.eos_token_id
 
     @classmethod
     def for_model(cls, loaded, template: str) -> PromptBuilder:
@@ -242,7 +278,7 @@ class PromptBuilder:
 
     def collate(self, segments: Sequence[Segment]) -> dict[str, torch.Tensor]:
         """A left-padded batch of `segments` with this tokenizer's pad id."""
-        return collate(segments, self.family, self.pad_id, self.image_token_id)
+        return collate(segments, self.family, self.pad_id, self.image_token_id, self.eos_id)
 
     def round(self, item, with_answer: bool = True) -> Segment:
         """One item's round, with its answer (a demonstration or training query) or without (for generation)."""

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -48,6 +50,7 @@ def collate_segments(segments: Sequence[Segment], builder: PromptBuilder) -> dic
     return builder.collate(segments)
 
 
+log = logging.getLogger(__name__)
 POSITIONS = ("all", "text")
 
 
@@ -58,9 +61,17 @@ def kept_positions(
     masks, False at image tokens (`positions="text"`)."""
     if positions not in POSITIONS:
         raise MimicError(f"extract.positions must be one of {', '.join(POSITIONS)}, got {positions!r}")
-    if positions == "all" or image_token_id is None:
+    if positions == "all":
+        return None
+    if image_token_id is None:  # Idefics v1: images enter through cross-attention, not as tokens
+        _note_every_position_kept()
         return None
     return [builder.tokens(samples.demos(j)[0]).input_ids != image_token_id for j in indices]
+
+
+@functools.cache
+def _note_every_position_kept() -> None:
+    log.info("extract.positions=text: this model has no image tokens in its text, every position is kept")
 
 
 def teacher_batch(builder: PromptBuilder, samples: TrainingSamples, indices: Sequence[int]):

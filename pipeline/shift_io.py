@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 from pathlib import Path
 
@@ -13,9 +14,10 @@ from safetensors.torch import load_file, save_file
 from pipeline import __version__
 from pipeline.errors import MimicError
 from pipeline.families import Adapter
-from pipeline.models import config_fingerprint
+from pipeline.models import config_fingerprint, weights_fingerprint
 from pipeline.shift import MimicShift, ShiftSpec
 
+log = logging.getLogger(__name__)
 WEIGHTS = "shift.safetensors"
 CONFIG = "shift_config.json"
 FORMAT = 1
@@ -28,9 +30,14 @@ def _atomic_write(path: Path, write) -> None:
 
 
 def save_shift(
-    shift: MimicShift, directory: str | Path, adapter: Adapter, provenance: dict | None = None
+    shift: MimicShift,
+    directory: str | Path,
+    adapter: Adapter,
+    provenance: dict | None = None,
+    prompt: str | None = None,
 ) -> Path:
-    """Write the shift tensors and a JSON config that is enough to reload them without the training config."""
+    """Write the shift tensors and a JSON config that is enough to reload them without the training config:
+    the base model's weights fingerprint and the prompt template it was trained with (it works with that one)."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     config = {
@@ -41,6 +48,8 @@ def save_shift(
         "architecture": type(adapter.model).__name__,
         "base_model": str(adapter.model.config.name_or_path),
         "config_fingerprint": config_fingerprint(adapter.model.config),
+        "base_weights": weights_fingerprint(adapter.model),
+        "prompt": prompt,
         "num_layers": adapter.geometry.num_layers,
         "spec": shift.spec.to_dict(),
         "provenance": provenance or {},
@@ -96,3 +105,23 @@ def load_shift(
         for name, tensor in tensors.items():
             getattr(shift, name).copy_(tensor)
     return shift
+
+
+def check_shift_base(directory: str | Path, weights: str, prompt: str, allow_other: bool = False) -> None:
+    """Refuse a shift trained on another checkpoint (same geometry, other weights: a base model's shift on its
+    instruct sibling) or with another prompt template, unless `allow_other`; one line naming both."""
+    config = read_shift_config(directory)
+    problems = []
+    if config.get("base_weights") not in (None, weights):
+        problems.append(
+            f"it was trained on model {config.get('base_model')!r} (weights {config['base_weights']}), this "
+            f"model's weights are {weights}"
+        )
+    if config.get("prompt") not in (None, prompt):
+        problems.append(f"it was trained with the prompt {config['prompt']!r}, this run uses {prompt!r}")
+    if problems and not allow_other:
+        raise MimicError(
+            f"shift in {directory}: {'; '.join(problems)} (pass --allow-other-base to apply it anyway)"
+        )
+    for problem in problems:
+        log.warning("shift in %s: %s (applied anyway: --allow-other-base)", directory, problem)

@@ -67,13 +67,16 @@ def train_command(
         Path("runs/mimic"), "--run-dir", help="Checkpoints, log and the final shift."
     ),
     online: bool = typer.Option(False, help="Reference mode: run the teacher at every step, no cache."),
+    replace: bool = typer.Option(
+        False, help="Discard a checkpoint of another run in --run-dir instead of refusing (DVC passes it)."
+    ),
     params: Path = PARAMS,
     set_: list[str] = SET,
 ) -> None:
     """Train only the shift heads against the cached teacher states (reads model, data, prompt, extract, train)."""
     from stages.train import train
 
-    summary = train(params, None if online else cache, run_dir, set_)
+    summary = train(params, None if online else cache, run_dir, set_, replace=replace)
     typer.echo(
         f"{run_dir / 'shift'}: alignment loss {summary['first_align']:.4g} -> {summary['last_align']:.4g} "
         f"in {summary['steps']} steps"
@@ -89,13 +92,33 @@ def evaluate_command(
     predictions: Path = typer.Option(
         Path("metrics/predictions.jsonl"), help="Per-sample predictions to write."
     ),
+    results: Path | None = typer.Option(
+        None, help="Folder for each method's predictions in the official format (VQA, COCO results)."
+    ),
+    allow_other_base: bool = typer.Option(
+        False, help="Apply a shift trained on other weights or with another prompt template (warns)."
+    ),
     params: Path = PARAMS,
     set_: list[str] = SET,
 ) -> None:
-    """Compare zero-shot, k-shot ICL and MimIC on held-out queries (reads model, data, prompt, evaluate)."""
+    """Compare zero-shot, k-shot ICL and MimIC on held-out queries (reads model, data, prompt, evaluate).
+    Also writes <metrics>_latency.json beside the metrics."""
     from stages.evaluate import evaluate, format_report
 
-    typer.echo(format_report(evaluate(params, shift, metrics, predictions, set_)))
+    report = evaluate(params, shift, metrics, predictions, set_, results, allow_other_base)
+    typer.echo(format_report(report))
+
+
+@app.command("report")
+def report_command(
+    metrics: Path = typer.Argument(
+        Path("metrics/evaluate.json"), help="Metrics JSON written by `mimic evaluate`."
+    ),
+) -> None:
+    """Print the per-method table of an evaluation (score, latency and its spread, prompt tokens)."""
+    from stages.evaluate import format_report, read_report
+
+    typer.echo(format_report(read_report(metrics)))
 
 
 def main() -> None:
@@ -104,6 +127,18 @@ def main() -> None:
         app()
     except MimicError as err:
         typer.echo(f"mimic: error: {err}", err=True)
+        sys.exit(2)
+    except (ImportError, RuntimeError) as err:
+        if "torchvision" not in f"{err!r} {err.__cause__!r} {err.__context__!r}":
+            raise
+        # a torchvision built for another torch makes transformers' image classes fail to import
+        reason = " ".join(str(err).split())[:200]
+        typer.echo(
+            f"mimic: error: torchvision is installed but cannot be imported with this torch ({reason}); "
+            "uninstall it (`pip uninstall torchvision`: the pipeline does not need it) or install the build "
+            "matching torch",
+            err=True,
+        )
         sys.exit(2)
     except KeyboardInterrupt:
         typer.echo("mimic: interrupted", err=True)

@@ -1,24 +1,29 @@
 """`mimic evaluate`: zero-shot, k-shot ICL and MimIC on the same held-out queries, same prompts, same metric.
 
-Recipe: params -> model -> splits -> prompts per method -> batched generation -> metric -> metrics JSON and
-per-sample predictions JSONL (both tracked by DVC).
+Recipe: params -> checks (model, outputs, shift) -> model -> splits -> prompts per method, built batch by batch
+-> generation with the methods interleaved chunk by chunk (a warm-up chunk first, untimed) -> metric -> metrics
+JSON, latency JSON, per-sample predictions JSONL and each method's predictions in the official result format.
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
+import statistics
 from pathlib import Path
+
+from tqdm import tqdm
 
 from pipeline.config import load_params
 from pipeline.errors import MimicError
-from pipeline.evaluation import GenerationPrompts, generate_answers, score
+from pipeline.evaluation import GenerationPrompts, generate_answers, official_results, score
 from pipeline.icd import sample_icd_sets
-from pipeline.models import load_model
+from pipeline.models import check_model, load_model, weights_fingerprint
+from pipeline.outputs import check_writable, write_text_atomic
+from pipeline.plots import method_scores
 from pipeline.prompts import PromptBuilder
-from pipeline.shift import attach
-from pipeline.shift_io import load_shift
+from pipeline.shift import MimicShift, attach, spec_for
+from pipeline.shift_io import check_shift_base, load_shift, read_shift_config
 from pipeline.splits import make_splits
 
 log = logging.getLogger(__name__)
@@ -31,72 +36,165 @@ def evaluate(
     metrics_path: Path,
     predictions_path: Path,
     overrides: list[str],
+    results_dir: Path | None = None,
+    allow_other_base: bool = False,
 ) -> dict:
+    """Score every method of `evaluate.methods`; writes the outputs only when all of them are done."""
     params = load_params(params_path, overrides)
     ev = params.evaluate
     unknown = [m for m in ev.methods if m not in METHODS]
-    if unknown:
-        raise MimicError(f"evaluate.methods: unknown {unknown}; choose from {', '.join(METHODS)}")
-    loaded = load_model(params.model.name, params.model.dtype, params.model.device)
-    shift = None
-    if "mimic" in ev.methods:  # checked before any generation
+    if unknown or not ev.methods:
+        raise MimicError(f"evaluate.methods: unknown {unknown or '[]'}; choose from {', '.join(METHODS)}")
+    check_model(params.model.name, params.model.dtype, params.model.device)
+    outputs = [metrics_path, latency_path(metrics_path), predictions_path]
+    for path in outputs:
+        check_writable(path, "output file")
+    if results_dir is not None:
+        check_writable(results_dir / "zero_shot.json", "results folder")
+    if "mimic" in ev.methods:
         if shift_dir is None or not shift_dir.is_dir():
             raise MimicError(f"run directory not found: {shift_dir} (train a shift with `mimic train` first)")
+        read_shift_config(shift_dir)
+    loaded = load_model(params.model.name, params.model.dtype, params.model.device)
+    if "mimic" in ev.methods:
         shift = load_shift(shift_dir, loaded.adapter, device=params.model.device)
+        check_shift_base(shift_dir, weights_fingerprint(loaded.model), params.prompt, allow_other_base)
+    else:  # attached but never enabled: every method runs through the same attention function
+        shift = MimicShift(spec_for(loaded.adapter)).to(params.model.device)
     splits = make_splits(params.data)
     builder = PromptBuilder.for_model(loaded, params.prompt)
     queries = splits.eval
     icd = sample_icd_sets([q.id for q in queries], splits.support, ev.k, 1, ev.seed)
+    prompts = {
+        method: GenerationPrompts(
+            builder,
+            [[splits.support[i] for i in icd[n][0]] if method == "icl" else [] for n in range(len(queries))],
+            queries,
+        )
+        for method in ev.methods
+    }
+    answers, seconds, tokens = interleaved(loaded.model, builder, prompts, shift, ev)
     kind = params.data.eval["kind"]
-    report, rows = {}, [{"id": q.id, "question": q.question, "answers": list(q.answers)} for q in queries]
-    for method in ev.methods:
-        demos = [
-            [splits.support[i] for i in icd[n][0]] if method == "icl" else [] for n in range(len(queries))
-        ]
-        prompts = GenerationPrompts(builder, demos, queries)
-        context = attach(loaded.model, shift) if method == "mimic" else contextlib.nullcontext()
-        with context:
-            out = generate_answers(
-                loaded.model,
-                builder,
-                prompts,
-                ev.batch_size,
-                ev.num_beams,
-                ev.max_new_tokens,
-                desc=method,
-                max_batch_tokens=ev.max_batch_tokens,
-            )
-        value, per = score(kind, queries, out.answers)
+    scored = {m: score(kind, queries, answers[m]) for m in ev.methods}
+    report = {
+        "metric": next(iter(scored.values())).metric,
+        "model": params.model.name,
+        "data": {**params.data.eval, "queries": len(queries), "seed": params.data.seed},
+        "shift": str(shift_dir) if "mimic" in ev.methods else None,
+        "run": shift_dir.parent.name if "mimic" in ev.methods and shift_dir is not None else None,
+        "score": {m: round(s.value, 4) for m, s in scored.items()},
+        **({"captions": {m: s.extra for m, s in scored.items()}} if kind == "coco_karpathy" else {}),
+    }
+    latency = latency_report(seconds, tokens, len(queries), ev)
+    rows = [{"id": q.id, "question": q.question, "answers": list(q.answers)} for q in queries]
+    for method, result in scored.items():
+        for row, answer, value in zip(rows, answers[method], result.per_item):
+            row[method] = {"prediction": answer, "score": value}
+    if results_dir is not None:
+        for method in ev.methods:
+            text = json.dumps(official_results(kind, queries, answers[method]), allow_nan=False)
+            write_text_atomic(results_dir / f"{method}.json", text + "\n")
+    write_text_atomic(
+        predictions_path, "".join(json.dumps(r, sort_keys=True, allow_nan=False) + "\n" for r in rows)
+    )
+    write_text_atomic(latency_path(metrics_path), json.dumps(latency, indent=2, sort_keys=True) + "\n")
+    method_scores(report["score"], report["metric"], scores_plot(metrics_path))
+    write_text_atomic(metrics_path, json.dumps(report, indent=2, sort_keys=True, allow_nan=False) + "\n")
+    return {**report, "latency": latency}
+
+
+def interleaved(model, builder, prompts: dict, shift, ev):
+    """Generate every method's answers chunk by chunk of `ev.batch_size` queries, the methods' order rotating
+    from chunk to chunk, after one untimed warm-up chunk per method; returns answers, per-chunk seconds and
+    prompt tokens per method."""
+    methods = list(prompts)
+    n = len(next(iter(prompts.values())))
+    chunks = [(first, min(first + ev.batch_size, n)) for first in range(0, n, ev.batch_size)]
+    answers = {m: [] for m in methods}
+    seconds = {m: [] for m in methods}
+    tokens = {m: [] for m in methods}
+
+    def run(method, first, last, desc):
+        shift.enabled = method == "mimic"
+        return generate_answers(
+            model,
+            builder,
+            prompts[method][first:last],
+            ev.batch_size,
+            ev.num_beams,
+            ev.max_new_tokens,
+            desc=desc,
+            max_batch_tokens=ev.max_batch_tokens,
+            progress=False,
+        )
+
+    with attach(model, shift):
+        for method in methods:  # warm-up: first calls pay for allocations and lazy set-up
+            run(method, *chunks[0], "warm-up")
+        for c, (first, last) in enumerate(tqdm(chunks, desc="evaluate", unit="chunk")):
+            for method in methods[c % len(methods) :] + methods[: c % len(methods)]:
+                out = run(method, first, last, method)
+                answers[method] += out.answers
+                seconds[method].append(out.seconds / (last - first))
+                tokens[method] += out.prompt_tokens
+    shift.enabled = True
+    return answers, seconds, tokens
+
+
+def scores_plot(metrics_path: Path) -> Path:
+    return metrics_path.with_name(metrics_path.stem + "_scores.png")
+
+
+def latency_path(metrics_path: Path) -> Path:
+    return metrics_path.with_name(metrics_path.stem + "_latency.json")
+
+
+def latency_report(seconds: dict, tokens: dict, n: int, ev) -> dict:
+    """Per method: mean ms per sample over all queries, and the quartiles of the per-chunk means (the spread
+    between chunks of the same run); prompt tokens per sample; MimIC's speed-up over ICL."""
+    report = {}
+    for method, per_chunk in seconds.items():
+        ms = [1000 * s for s in per_chunk]
+        q1, _, q3 = statistics.quantiles(ms, n=4) if len(ms) > 1 else (ms[0], ms[0], ms[0])
         report[method] = {
-            "score": round(value, 4),
-            "samples": len(queries),
-            "latency_ms_per_sample": round(1000 * out.seconds / len(queries), 3),
-            "prompt_tokens_per_sample": round(sum(out.prompt_tokens) / len(queries), 2),
+            "ms_per_sample": round(statistics.fmean(ms), 3),
+            "ms_per_sample_p25": round(q1, 3),
+            "ms_per_sample_p75": round(q3, 3),
+            "prompt_tokens_per_sample": round(sum(tokens[method]) / n, 2),
         }
-        for row, answer, s in zip(rows, out.answers, per):
-            row[method] = {"prediction": answer, "score": s}
     if "icl" in report and "mimic" in report:
         report["mimic_speedup_over_icl"] = round(
-            report["icl"]["latency_ms_per_sample"] / report["mimic"]["latency_ms_per_sample"], 3
+            report["icl"]["ms_per_sample"] / report["mimic"]["ms_per_sample"], 3
         )
-    metrics_path.parent.mkdir(parents=True, exist_ok=True)
-    metrics_path.write_text(json.dumps(report, indent=2, sort_keys=True) + "\n")
-    predictions_path.parent.mkdir(parents=True, exist_ok=True)
-    predictions_path.write_text("".join(json.dumps(r, sort_keys=True) + "\n" for r in rows))
+    chunks = len(next(iter(seconds.values())))
+    report["settings"] = {"batch_size": ev.batch_size, "num_beams": ev.num_beams, "chunks": chunks}
     return report
 
 
+def read_report(metrics_path: Path) -> dict:
+    """A written evaluation (metrics and latency JSON) as `evaluate` returns it."""
+    try:
+        report = json.loads(Path(metrics_path).read_text())
+        return {**report, "latency": json.loads(latency_path(Path(metrics_path)).read_text())}
+    except (OSError, json.JSONDecodeError) as err:
+        raise MimicError(f"cannot read the evaluation {metrics_path}: {err}") from err
+
+
 def format_report(report: dict) -> str:
-    """The terminal table: score, latency and prompt length per method."""
-    lines = [f"{'method':<10} {'score':>8} {'ms/sample':>10} {'prompt tokens':>14}"]
+    """The terminal table: score, latency (with its spread) and prompt length per method."""
+    latency = report["latency"]
+    metric = report["metric"]
+    lines = []
+    if "mimic_speedup_over_icl" in latency:
+        speedup = latency["mimic_speedup_over_icl"]
+        lines.append(f"MimIC (no demonstrations) is {speedup:.2f}x faster per sample than ICL")
+    lines.append(f"{'method':<10} {metric:>14} {'ms/sample':>10} {'(p25-p75)':>15} {'prompt tokens':>14}")
     for method in METHODS:
-        if method in report:
-            r = report[method]
+        if method in report["score"]:
+            r = latency[method]
+            spread = f"{r['ms_per_sample_p25']:.2f}-{r['ms_per_sample_p75']:.2f}"
             lines.append(
-                f"{method:<10} {r['score']:>8.2f} {r['latency_ms_per_sample']:>10.2f} {r['prompt_tokens_per_sample']:>14.1f}"
+                f"{method:<10} {report['score'][method]:>14.2f} {r['ms_per_sample']:>10.2f} {spread:>15} "
+                f"{r['prompt_tokens_per_sample']:>14.1f}"
             )
-    if "mimic_speedup_over_icl" in report:
-        lines.append(
-            f"MimIC (no demonstrations) is {report['mimic_speedup_over_icl']:.2f}x faster per sample than ICL"
-        )
     return "\n".join(lines)

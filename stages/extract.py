@@ -20,7 +20,8 @@ from pipeline.cache_store import Layout, store_stats
 from pipeline.cache_writer import AsyncWriter, CacheWriter
 from pipeline.config import load_params
 from pipeline.fingerprint import teacher_fingerprint
-from pipeline.models import load_model
+from pipeline.models import check_model, load_model
+from pipeline.outputs import check_writable
 from pipeline.prompts import PromptBuilder
 from pipeline.samples import kept_positions, teacher_batch, training_samples
 from pipeline.splits import make_splits
@@ -34,6 +35,8 @@ def extract(params_path: Path, out: Path, overrides: list[str], replace: bool = 
     written for other parameters is deleted first (DVC owns `out` and reruns this stage when they change)."""
     params = load_params(params_path, overrides)
     ex = params.extract
+    check_model(params.model.name, params.model.dtype, params.model.device, ex.layers)
+    check_writable(out, "teacher store", folder=True)
     loaded = load_model(params.model.name, params.model.dtype, params.model.device)
     splits = make_splits(params.data)
     samples = training_samples(splits.train, splits.support, ex.k, ex.m, ex.seed)
@@ -54,6 +57,10 @@ def extract(params_path: Path, out: Path, overrides: list[str], replace: bool = 
         codec=ex.codec,
         topk=ex.topk,
         chunk_tokens=ex.chunk_tokens,
+    )
+    value_bytes = 1 if ex.codec == "int8" else torch.empty(0, dtype=loaded.model.dtype).element_size()
+    check_writable(
+        out, "teacher store", True, sum(token_counts) * len(layers) * geo.hidden_size * value_bytes
     )
     fingerprint = teacher_fingerprint(params, loaded, splits, layers)
     if replace and written_for_other_run(out, fingerprint, layout):

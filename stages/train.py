@@ -21,11 +21,14 @@ from pipeline.cache_store import CacheReader
 from pipeline.config import load_params
 from pipeline.errors import MimicError
 from pipeline.fingerprint import teacher_fingerprint
-from pipeline.models import Loaded, load_model
+from pipeline.models import Loaded, check_model, load_model
+from pipeline.outputs import check_writable, write_text_atomic
+from pipeline.plots import training_curves
 from pipeline.prompts import PromptBuilder
 from pipeline.samples import kept_positions, student_batch, training_samples
 from pipeline.shift import MimicShift, attach, spec_for
 from pipeline.shift_io import save_shift
+from pipeline.sources import sources_hash
 from pipeline.splits import make_splits
 from pipeline.teacher import forward_query_states
 from pipeline.training import (
@@ -44,12 +47,21 @@ LOG_COLUMNS = ("step", "epoch", "loss", "ce", "align", "lr")
 
 
 def train(
-    params_path: Path, cache: Path | None, run_dir: Path, overrides: list[str], loaded: Loaded | None = None
+    params_path: Path,
+    cache: Path | None,
+    run_dir: Path,
+    overrides: list[str],
+    loaded: Loaded | None = None,
+    replace: bool = False,
 ) -> dict:
     """Train (or resume) a run in `run_dir`; `cache=None` runs the online reference teacher instead.
-    `loaded` reuses a model already in memory (it must be the one `params` names)."""
+    A checkpoint of the same run (parameters, teacher cache, training code) is resumed; a finished one only
+    rewrites the outputs, with the figures it measured. With `replace`, a checkpoint of another run is discarded
+    instead of refused (DVC keeps the checkpoint across reruns). `loaded` reuses a model already in memory."""
     params = load_params(params_path, overrides)
     tr, ex = params.train, params.extract
+    check_model(params.model.name, params.model.dtype, params.model.device, ex.layers)
+    check_writable(run_dir / "shift", "run directory", folder=True)
     if cache is not None:
         CacheReader.open(cache, verify=False)  # exists and complete: fail before loading a large model
     loaded = loaded or load_model(params.model.name, params.model.dtype, params.model.device)
@@ -65,46 +77,50 @@ def train(
         params.model.device
     )
     optimizer = torch.optim.AdamW(shift.parameters(), lr=tr.lr, weight_decay=tr.weight_decay)
-    steps_per_epoch = math.ceil(math.ceil(len(splits.train) / tr.batch_size) / tr.grad_accum)
-    total = steps_per_epoch * tr.epochs
+    batches_per_epoch = math.ceil(len(splits.train) / tr.batch_size)
+    total = math.ceil(batches_per_epoch / tr.grad_accum) * tr.epochs
     scheduler = get_cosine_schedule_with_warmup(optimizer, int(tr.warmup * total), total)
     autocast = autocast_for(params.model.device, tr.precision)
     scaler = torch.amp.GradScaler("cuda", enabled=tr.precision == "fp16")
 
-    run_dir.mkdir(parents=True, exist_ok=True)
     checkpoint_path = run_dir / "checkpoint.pt"
-    rows: list[dict] = []
-    start_epoch = 0
     identity = json.dumps(
         {
             "params": [vars(tr), vars(ex), vars(params.model), vars(params.data), params.prompt],
-            "cache": str(cache),
+            "teacher": reader.fingerprint if reader is not None else "online",
+            "code": sources_hash("stages.train"),
         },
         sort_keys=True,
         default=str,
     )
-    if (state := load_checkpoint(checkpoint_path)) is not None:
-        if state["identity"] != identity:
+    rows, epoch_seconds, start_epoch = [], [], 0
+    if (state := load_checkpoint(checkpoint_path)) is not None and state.get("identity") != identity:
+        if not replace:
             raise MimicError(
-                f"{checkpoint_path} belongs to a run with other parameters; use another --run-dir or delete it"
+                f"{checkpoint_path} belongs to a run with other parameters, teacher or training code; use another "
+                "--run-dir, delete it, or pass --replace"
             )
+        log.info("discarding %s: it belongs to another run", checkpoint_path)
+        state = None
+    if state is not None:
         shift.load_state_dict(state["shift"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
-        start_epoch, rows = state["epoch"], state["log"]
-        log.info("resuming %s after epoch %d", run_dir, start_epoch)
+        start_epoch, rows, epoch_seconds = state["epoch"], state["log"], state["epoch_seconds"]
+        log.info("resuming %s after epoch %d of %d", run_dir, start_epoch, tr.epochs)
 
-    loop_start = time.perf_counter()
-    with attach(model, shift):
+    run_dir.mkdir(parents=True, exist_ok=True)
+    bar = tqdm(total=batches_per_epoch * tr.epochs, initial=batches_per_epoch * start_epoch, desc="train")
+    with attach(model, shift), bar:
         for epoch in range(start_epoch, tr.epochs):
+            epoch_start = time.perf_counter()
             batches = epoch_batches(samples, epoch, tr.batch_size, tr.seed)
             targets = (
                 CacheTargets(reader, batches)
                 if reader is not None
                 else OnlineTargets(model, adapter, builder, samples, shift, batches, ex, layers)
             )
-            bar = tqdm(zip(batches, targets), total=len(batches), desc=f"train epoch {epoch + 1}/{tr.epochs}")
-            for i, (indices, target) in enumerate(bar):
+            for i, (indices, target) in enumerate(zip(batches, targets)):
                 batch, lengths = student_batch(builder, samples, indices)
                 keep = kept_positions(builder, samples, indices, ex.positions, adapter.image_token_id)
                 with autocast():
@@ -131,7 +147,9 @@ def train(
                     "lr": optimizer.param_groups[0]["lr"],
                 }
                 rows.append(row)
-                bar.set_postfix(loss=f"{row['loss']:.4f}", align=f"{row['align']:.4f}")
+                bar.set_postfix(epoch=f"{epoch + 1}/{tr.epochs}", loss=f"{row['loss']:.4f}")
+                bar.update()
+            epoch_seconds.append(time.perf_counter() - epoch_start)
             save_checkpoint(
                 checkpoint_path,
                 {
@@ -140,6 +158,7 @@ def train(
                     "scheduler": scheduler.state_dict(),
                     "epoch": epoch + 1,
                     "log": rows,
+                    "epoch_seconds": epoch_seconds,
                     "identity": identity,
                 },
             )
@@ -148,19 +167,40 @@ def train(
         "params": {"train": vars(tr), "extract": vars(ex)},
         "cache": str(cache) if cache else "online",
     }
-    save_shift(shift, run_dir / "shift", adapter, provenance=json.loads(json.dumps(provenance, default=str)))
+    provenance = json.loads(json.dumps(provenance, default=str))
+    save_shift(shift, run_dir / "shift", adapter, provenance=provenance, prompt=params.prompt)
+    summary = training_summary(rows, epoch_seconds)
+    if summary["last_align"] > summary["first_align"]:
+        log.warning(
+            "the alignment loss rose over training (%.4g in the first epoch, %.4g in the last): lower train.lr",
+            summary["first_align"],
+            summary["last_align"],
+        )
     write_log(run_dir / "train_log.tsv", rows)
-    loop_seconds = time.perf_counter() - loop_start
-    last_epoch = [r for r in rows if r["epoch"] == rows[-1]["epoch"]]
-    summary = {
-        "first_align": rows[0]["align"],  # the first step's alignment loss
-        "last_align": sum(r["align"] for r in last_epoch) / len(last_epoch),  # mean over the last epoch
-        "last_ce": sum(r["ce"] for r in last_epoch) / len(last_epoch),
-        "steps": len(rows),
-        "seconds_per_epoch": loop_seconds / max(tr.epochs - start_epoch, 1),  # the training loop only
-    }
-    (run_dir / "train_summary.json").write_text(json.dumps(summary, indent=2, sort_keys=True))
+    training_curves(rows, run_dir / "train_curves.png", title=f"{run_dir.name}: loss per step")
+    # DVC metrics: the two losses a comparison needs (few keys: `dvc exp show` stays narrow); the rest beside it
+    metrics = {"align": summary["last_align"], "ce": summary["last_ce"]}
+    write_text_atomic(run_dir / "train_info.json", json.dumps(summary, indent=2, sort_keys=True))
+    write_text_atomic(run_dir / "train_summary.json", json.dumps(metrics, indent=2, sort_keys=True))
     return summary
+
+
+def training_summary(rows: list[dict], epoch_seconds: list[float]) -> dict:
+    """First and last epoch's mean losses (compared on equal terms) and the measured seconds per epoch."""
+
+    def mean(key: str, epoch: int) -> float:
+        values = [r[key] for r in rows if r["epoch"] == epoch]
+        return sum(values) / len(values)
+
+    first, last = rows[0]["epoch"], rows[-1]["epoch"]
+    return {
+        "first_align": mean("align", first),  # mean over the first epoch
+        "last_align": mean("align", last),  # mean over the last epoch
+        "first_ce": mean("ce", first),
+        "last_ce": mean("ce", last),
+        "steps": len(rows),
+        "seconds_per_epoch": sum(epoch_seconds) / len(epoch_seconds),  # the training loop, as measured
+    }
 
 
 def write_log(path: Path, rows: list[dict]) -> None:
@@ -168,4 +208,4 @@ def write_log(path: Path, rows: list[dict]) -> None:
     lines = ["\t".join(LOG_COLUMNS)] + [
         "\t".join(f"{r[c]:.6g}" if isinstance(r[c], float) else str(r[c]) for c in LOG_COLUMNS) for r in rows
     ]
-    path.write_text("\n".join(lines) + "\n")
+    write_text_atomic(path, "\n".join(lines) + "\n")

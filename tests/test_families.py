@@ -53,52 +53,77 @@ def setup(name: str):
     return processor, model, adapter, builder, items
 
 
-def one_call(name: str, prompts: list[tuple[list[Item], Item, bool]]) -> dict[str, torch.Tensor]:
+def one_call(
+    name: str, prompts: list[tuple[list[Item], Item, bool]], template=TEMPLATE
+) -> dict[str, torch.Tensor]:
     """The processor's own encoding of whole prompts (demonstrations, query, with its answer or not), left
     padded: the independent reference for segment assembly."""
     processor, _, adapter, _, _ = setup(name)
     family = adapter.family
+
+    def rounds(demos, query, answered) -> list[tuple[str, Item]]:
+        texts = [(template.text(family, d.question, d.answers[0]), d) for d in demos]
+        last = template.text(family, query.question, query.answers[0]) if answered else None
+        return texts + [(last or template.prefix(family, query.question), query)]
+
+    processor.tokenizer.padding_side = "left"
     if name == "idefics":  # the prompt-list form: each image becomes <fake><image><fake> in place, BOS added
         lists = []
-        for demos, query, answered in prompts:
+        for prompt in prompts:
             pieces = []
-            for item, answer in [*((d, True) for d in demos), (query, answered)]:
-                text = TEMPLATE.text(family, item.question, item.answers[0]) if answer else None
-                text = text or TEMPLATE.prefix(family, item.question)
-                pieces += [item.images[0], text.replace(family.image_placeholder, "")]
+            for text, item in rounds(*prompt):
+                before, after = text.split(family.image_placeholder)
+                pieces += [p for p in (before, item.images[0], after) if not isinstance(p, str) or p]
             lists.append(pieces)
-        processor.tokenizer.padding_side = "left"
         return dict(
             processor(text=lists, add_end_of_utterance_token=False, padding=True, return_tensors="pt")
         )
-    texts, images = [], []
-    for demos, query, answered in prompts:
-        rounds = [TEMPLATE.text(family, d.question, d.answers[0]) for d in demos]
-        last = TEMPLATE.text(family, query.question, query.answers[0]) if answered else None
-        rounds.append(last or TEMPLATE.prefix(family, query.question))
-        texts.append((processor.tokenizer.bos_token or "") + "".join(rounds))
-        images.append([item.images[0] for item in [*demos, query]])
+    texts = [(processor.tokenizer.bos_token or "") + "".join(t for t, _ in rounds(*p)) for p in prompts]
+    images = [[item.images[0] for _, item in rounds(*p)] for p in prompts]
     # Idefics2 takes images nested per prompt; the others one flat list (LLaVA-OneVision: each image with its
     # own anyres patches, as each round is encoded)
     flat = images if family.image_axis == 1 else [image for row in images for image in row]
-    processor.tokenizer.padding_side = "left"
     out = processor(text=texts, images=flat, add_special_tokens=False, padding=True, return_tensors="pt")
     return dict(out)
 
 
-def assert_same_inputs(ours: dict, reference: dict):
-    assert torch.equal(ours["input_ids"], reference["input_ids"])
-    assert torch.equal(ours["attention_mask"], reference["attention_mask"])
-    for key in (*IMAGE_KEYS, "mm_token_type_ids"):
-        if key in reference:
-            assert key in ours, key
-            assert ours[key].shape == reference[key].shape, key
-            assert torch.equal(ours[key].to(reference[key].dtype), reference[key]), key
+def assert_same_inputs(ours: dict, reference: dict, what: str = ""):
+    assert set(ours) - {"answer_mask"} == set(reference) - {"answer_mask"}, what
+    for key, value in reference.items():
+        assert ours[key].shape == value.shape, (what, key)
+        assert torch.equal(ours[key].to(value.dtype), value), (what, key)
 
 
 @pytest.mark.parametrize("name", FAMILY_NAMES)
 def test_assembled_prompts_equal_one_processor_call(name):
     _, _, _, builder, items = setup(name)
+    check_one_call(name, builder, items, TEMPLATE)
+    # the answer tokens are what one-call tokenization gives the answer, and they come last
+    student = builder.student(items[3])
+    answer = builder.processor.tokenizer.decode(student.input_ids[student.answer_mask])
+    assert answer.strip() == items[3].answers[0] and student.answer_mask[-1]
+
+
+CHAT = PromptTemplate("User:{image}{question}<end_of_utterance>\nAssistant: {answer}<end_of_utterance>\n")
+WITH_EOS = PromptTemplate("{image}Question: {question} Short answer: {answer}</s>\n")
+
+
+@pytest.mark.parametrize(
+    ("name", "template"),
+    [("idefics2", CHAT), ("idefics", CHAT), ("idefics", WITH_EOS), ("llava", CHAT)],
+    ids=["idefics2-chat", "idefics-chat", "idefics-eos", "llava-chat"],
+)
+def test_other_templates_equal_one_processor_call(name, template):
+    """Text before the image (SentencePiece would prepend "▁" to a round tokenized alone) and, for Idefics, an
+    EOS inside the prompt (tokens after it see no image until the next one)."""
+    processor, _, adapter, _, items = setup(name)
+    if "<end_of_utterance>" not in processor.tokenizer.get_vocab():
+        processor.tokenizer.add_special_tokens({"additional_special_tokens": ["<end_of_utterance>"]})
+    builder = PromptBuilder(processor, adapter.family, template, max_length=4096)
+    check_one_call(name, builder, items, template)
+
+
+def check_one_call(name, builder, items, template):
     demos, query = items[:3], items[3]
     cases = {
         "teacher": (builder.teacher(demos, query), (demos, query, True)),
@@ -107,18 +132,13 @@ def test_assembled_prompts_equal_one_processor_call(name):
         "zero-shot": (builder.generation([], items[4]), ([], items[4], False)),
     }
     for what, (segment, prompt) in cases.items():
-        assert_same_inputs(builder.collate([segment]), one_call(name, [prompt])), what
+        assert_same_inputs(builder.collate([segment]), one_call(name, [prompt], template), what)
     # a batch of prompts of different lengths and images of different sizes, padded as the processor pads it
-    batch = [
-        cases["teacher"],
-        cases["zero-shot"],
-        (builder.teacher(items[4:5], items[5]), (items[4:5], items[5], True)),
-    ]
-    assert_same_inputs(builder.collate([s for s, _ in batch]), one_call(name, [p for _, p in batch]))
-    # the answer tokens are what one-call tokenization gives the answer, and they come last
-    student = cases["student"][0]
-    answer = builder.processor.tokenizer.decode(student.input_ids[student.answer_mask])
-    assert answer.strip() == query.answers[0] and student.answer_mask[-1]
+    third = (builder.teacher(items[4:5], items[5]), (items[4:5], items[5], True))
+    batch = [cases["teacher"], cases["zero-shot"], third]
+    assert_same_inputs(
+        builder.collate([s for s, _ in batch]), one_call(name, [p for _, p in batch], template)
+    )
 
 
 def unit_shift(adapter) -> MimicShift:
@@ -207,12 +227,14 @@ def test_generation_stops_at_the_newline(name):
     handle = model.lm_head.register_forward_hook(favour_newline)
     model.generate = spy
     try:
-        out = generate_answers(model, builder, prompts, 2, 1, max_new_tokens=8)
+        for beams in (1, 3):
+            favour_newline.steps = 0
+            out = generate_answers(model, builder, prompts, 2, beams, max_new_tokens=8)
+            assert out.answers == [out.answers[0].strip()] + [out.answers[1].strip()]
     finally:
         handle.remove()
         del model.generate
-    assert widths == [2]  # one token, then the newline: not max_new_tokens
-    assert all("\n" not in a for a in out.answers)
+    assert widths == [2, 2]  # one token, then the newline: not max_new_tokens, with and without beams
 
 
 @pytest.mark.parametrize("name", FAMILY_NAMES)

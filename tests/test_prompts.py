@@ -119,3 +119,27 @@ def test_builder_keeps_tokens_of_every_round_but_images_of_the_latest_only():
         assert torch.equal(again.images["pixel_values"], fresh.images["pixel_values"])
         assert bounded.tokens(item).images == {}
     assert len(unbounded._images) == 0
+
+
+def test_idefics_image_attention_mask_equals_the_processors_rule():
+    """Vectorised mask vs the processor's token-by-token rule: the latest image at or before each token, none
+    before the first image, none after an EOS until the next image."""
+    from pipeline.prompts import image_attention_mask
+
+    def by_hand(ids, image, eos, n):
+        out = torch.zeros(*ids.shape, n, dtype=torch.long)
+        for b, row in enumerate(ids.tolist()):
+            count, blind = -1, False
+            for t, token in enumerate(row):
+                if token == image:
+                    count, blind = count + 1, False
+                if count >= 0 and not blind:
+                    out[b, t, count] = 1
+                blind = blind or token == eos
+        return out
+
+    g = torch.Generator().manual_seed(0)
+    for _ in range(200):
+        ids = torch.randint(0, 5, (3, 30), generator=g)  # 3 = image, 2 = EOS
+        n = int((ids == 3).sum(1).max().clamp_min(1))
+        assert torch.equal(image_attention_mask(ids, 3, n, 2), by_hand(ids, 3, 2, n))

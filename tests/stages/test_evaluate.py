@@ -26,7 +26,7 @@ def run(tmp_path_factory):
 
 
 def test_three_methods_scored_with_the_shared_metric(run):
-    metrics, predictions = run / "metrics.json", run / "predictions.jsonl"
+    metrics, predictions, results = run / "metrics.json", run / "predictions.jsonl", run / "results"
     result = cli(
         "evaluate",
         "--shift",
@@ -35,24 +35,80 @@ def test_three_methods_scored_with_the_shared_metric(run):
         metrics,
         "--predictions",
         predictions,
+        "--results",
+        results,
         *overrides(),
         check=True,
     )
     report = json.loads(metrics.read_text())
+    latency = json.loads((run / "metrics_latency.json").read_text())
+    assert report["metric"] == "exact_match" and report["model"] == "embedded"
+    assert report["data"]["kind"] == "embedded" and report["data"]["queries"] == 24
+    assert report["shift"] == str(run / "run" / "shift") and report["run"] == "run"
     for method in ("zero_shot", "icl", "mimic"):
-        r = report[method]
-        assert r["samples"] == 24 and 0 <= r["score"] <= 100 and r["latency_ms_per_sample"] > 0
-        assert method in result.stdout
-    assert report["icl"]["prompt_tokens_per_sample"] > report["zero_shot"]["prompt_tokens_per_sample"]
-    assert report["mimic"]["prompt_tokens_per_sample"] == report["zero_shot"]["prompt_tokens_per_sample"]
-    assert report["mimic_speedup_over_icl"] == pytest.approx(
-        report["icl"]["latency_ms_per_sample"] / report["mimic"]["latency_ms_per_sample"], rel=1e-2
+        assert 0 <= report["score"][method] <= 100
+        r = latency[method]
+        assert 0 < r["ms_per_sample_p25"] <= r["ms_per_sample_p75"] and r["ms_per_sample"] > 0
+    assert latency["icl"]["prompt_tokens_per_sample"] > latency["zero_shot"]["prompt_tokens_per_sample"]
+    assert latency["mimic"]["prompt_tokens_per_sample"] == latency["zero_shot"]["prompt_tokens_per_sample"]
+    assert latency["mimic_speedup_over_icl"] == pytest.approx(
+        latency["icl"]["ms_per_sample"] / latency["mimic"]["ms_per_sample"], rel=1e-2
     )
+    # the last lines printed are the per-method table
+    table = result.stdout.strip().splitlines()[-4:]
+    assert table[0].split()[:2] == ["method", "exact_match"]
+    assert [line.split()[0] for line in table[1:]] == ["zero_shot", "icl", "mimic"]
     rows = [json.loads(line) for line in predictions.read_text().splitlines()]
     assert len(rows) == 24
     for method in ("zero_shot", "icl", "mimic"):
         rescored = 100 * sum(exact_match(r[method]["prediction"], r["answers"]) for r in rows) / len(rows)
-        assert rescored == pytest.approx(report[method]["score"], abs=1e-3)
+        assert rescored == pytest.approx(report["score"][method], abs=1e-3)
+        official = json.loads((results / f"{method}.json").read_text())
+        assert [o["answer"] for o in official] == [r[method]["prediction"] for r in rows]
+        assert [o["id"] for o in official] == [r["id"] for r in rows]
+
+
+def test_interleaved_generation_equals_one_method_at_a_time(run, tmp_path):
+    """Chunks, rotation and the warm-up change no answer: each method alone gives the same predictions."""
+    both = json.loads((run / "predictions.jsonl").read_text().splitlines()[0])
+    for method in ("icl", "mimic"):
+        predictions = tmp_path / f"{method}.jsonl"
+        cli(
+            "evaluate", "--shift", run / "run" / "shift", "--metrics", tmp_path / f"{method}.json",
+            "--predictions", predictions, *overrides(f"evaluate.methods=[{method}]", "evaluate.batch_size=5"),
+            check=True,
+        )  # fmt: skip
+        alone = json.loads(predictions.read_text().splitlines()[0])
+        assert alone[method] == both[method]
+
+
+def test_shift_of_other_weights_or_prompt_is_refused_unless_allowed(run, tmp_path):
+    from pipeline.embedded.model import build_model, build_processor
+
+    other = tmp_path / "sibling"  # same architecture, other weights: an instruct sibling
+    build_model(seed=123).save_pretrained(other)
+    build_processor().save_pretrained(other)
+    shift = run / "run" / "shift"
+    args = [
+        "evaluate",
+        "--shift",
+        shift,
+        "--metrics",
+        tmp_path / "m.json",
+        "--predictions",
+        tmp_path / "p.jsonl",
+    ]
+    result = cli(*args, *overrides(f"model.name={other}"))
+    line = result.stderr.strip().splitlines()[-1]
+    assert result.returncode == 2 and "trained on model" in line and "this model's weights are" in line
+    assert not (tmp_path / "m.json").exists()
+    result = cli(*args, *overrides("prompt='{image}Q: {question} A: {answer}\n'"))
+    line = result.stderr.strip().splitlines()[-1]
+    assert result.returncode == 2 and "trained with the prompt" in line and "Q: {question}" in line
+    cli(
+        *args, "--allow-other-base", *overrides(f"model.name={other}", "evaluate.methods=[mimic]"), check=True
+    )
+    assert (tmp_path / "m.json").exists()
 
 
 def test_missing_run_directory_is_one_line(tmp_path):

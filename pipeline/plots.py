@@ -1,0 +1,47 @@
+"""PNG figures that render offline (DVC shows image plots as they are): training curves, score per method."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # no display; must precede pyplot
+import matplotlib.pyplot as plt  # noqa: E402
+
+COLOURS = {"loss": "#1f77b4", "ce": "#d62728", "align": "#2ca02c"}  # one distinct colour per component
+
+
+def _save(fig, path: Path) -> None:
+    tmp = path.with_name(f".{path.stem}.tmp.png")
+    fig.savefig(tmp, dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    tmp.replace(path)
+
+
+def training_curves(rows: list[dict], path: Path, title: str = "training") -> None:
+    """Total loss, CE and alignment loss per step (log scale), epoch boundaries dotted."""
+    fig, ax = plt.subplots(figsize=(7, 3.6))
+    steps = [r["step"] for r in rows]
+    for key, colour in COLOURS.items():
+        ax.plot(steps, [r[key] for r in rows], label=key, color=colour, linewidth=1.4)
+    for r, previous in zip(rows[1:], rows):
+        if r["epoch"] != previous["epoch"]:
+            ax.axvline(r["step"] - 0.5, color="#999999", linestyle=":", linewidth=0.8)
+    if all(r[k] > 0 for r in rows for k in COLOURS):
+        ax.set_yscale("log")
+    ax.set(xlabel="step", ylabel="loss", title=title)
+    ax.legend(frameon=False)
+    _save(fig, path)
+
+
+def method_scores(scores: dict[str, float], metric: str, path: Path) -> None:
+    """One bar per method, its score written on it."""
+    fig, ax = plt.subplots(figsize=(1.4 + 1.1 * len(scores), 3.4))
+    names = list(scores)
+    bars = ax.bar(names, [scores[n] for n in names], color=plt.cm.tab10.colors[: len(names)])
+    for bar, name in zip(bars, names):
+        ax.annotate(f"{scores[name]:.1f}", (bar.get_x() + bar.get_width() / 2, bar.get_height()), ha="center",
+                    va="bottom", fontsize=9)  # fmt: skip
+    ax.set(ylabel=metric, ylim=(0, max(100.0, *scores.values()) * 1.08), title="score per method")
+    _save(fig, path)

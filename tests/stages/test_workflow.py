@@ -1,0 +1,123 @@
+"""The experiment workflow as a researcher runs it: the cache follows data content, inputs are checked before
+any model is loaded, outputs are whole or absent. Every check runs the CLI as a subprocess."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import yaml
+from conftest import ROOT, cli, overrides
+from real_checkpoints import save_tiny_checkpoint, write_vqa_fixture
+
+PARAMS = ROOT / "params.yaml"
+
+
+def last_line(result) -> str:
+    return result.stderr.strip().splitlines()[-1]
+
+
+@pytest.fixture(scope="module")
+def vqa_run(tmp_path_factory):
+    """A tiny LLaVA checkpoint, a VQAv2-layout dataset, its params file and an extracted cache."""
+    root = tmp_path_factory.mktemp("workflow")
+    checkpoint = save_tiny_checkpoint("llava", root / "model")
+    data = write_vqa_fixture(root / "data", 24, "train2014")
+    held_out = write_vqa_fixture(root / "data", 6, "val2014", seed=1)
+    params = yaml.safe_load(PARAMS.read_text())
+    params["model"]["name"] = str(checkpoint)
+    params["data"].update(train=data, eval=held_out, n_support=12, n_train=6, n_eval=6)
+    params["extract"].update(k=2, batch_size=4)
+    params["train"].update(epochs=1, batch_size=3)
+    path = root / "params.yaml"
+    path.write_text(yaml.safe_dump(params))
+    cli("extract", "--params", path, "--out", root / "teacher.zarr", check=True)
+    return root, path, params
+
+
+def train(root, params_path, *extra):
+    return cli(
+        "train", "--params", params_path, "--cache", root / "teacher.zarr", "--run-dir", root / "run", *extra
+    )
+
+
+def test_a_moved_dataset_keeps_its_cache_an_edited_one_does_not(vqa_run, tmp_path):
+    root, _, params = vqa_run
+    moved = tmp_path / "elsewhere"
+    shutil.copytree(root / "data", moved)
+    relocated = json.loads(json.dumps(params).replace(str(root / "data"), str(moved)))
+    path = tmp_path / "moved.yaml"
+    path.write_text(yaml.safe_dump(relocated))
+    assert train(root, path).returncode == 0  # same content elsewhere: the cache is valid
+
+    annotations = moved / "v2_mscoco_train2014_annotations.json"
+    doc = json.loads(annotations.read_text())
+    for record in doc["annotations"]:  # every answer replaced in place, same ids, same sizes of lists
+        for answer in record["answers"]:
+            answer["answer"] = "dog"
+        record["multiple_choice_answer"] = "dog"
+    annotations.write_text(json.dumps(doc))
+    result = train(root, path)
+    assert result.returncode == 2 and "written for another data" in last_line(result)
+
+    shutil.copytree(root / "data", moved, dirs_exist_ok=True)  # answers back; now one image's bytes change
+    image = next((moved / "train2014").glob("*.jpg"))
+    image.write_bytes(next((moved / "val2014").glob("*.jpg")).read_bytes())
+    result = train(root, path)
+    assert result.returncode == 2 and "written for another data" in last_line(result)
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("train.epochs=0", "train.epochs=0: must be at least 1"),
+        ("extract.k=0", "extract.k=0: must be at least 1"),
+        ("evaluate.num_beams=0", "evaluate.num_beams=0: must be at least 1"),
+        ("evaluate.max_new_tokens=0", "evaluate.max_new_tokens=0: must be at least 1"),
+        ("train.batch_size=-2", "train.batch_size=-2: must be at least 1"),
+        ("extract.layers=[0, 7]", "the model has 4 decoder layers (0..3)"),
+        ("model.device=cuda", "this machine has no cuda device"),
+        ("train.lr=[1", "is not valid YAML"),
+        ("train.lr=fast", "train.lr must be a number, got 'fast'"),
+    ],
+)
+def test_bad_inputs_fail_in_one_line_before_any_model_is_loaded(tmp_path, override, message):
+    result = cli(
+        "train", "--run-dir", tmp_path / "run", "--cache", tmp_path / "none.zarr", *overrides(override)
+    )
+    assert result.returncode == 2, result.stderr[-500:]
+    assert message in last_line(result) and "Traceback" not in result.stderr
+    assert "Loading weights" not in result.stderr  # refused before the model was read
+    assert not (tmp_path / "run").exists() or not any((tmp_path / "run").iterdir())
+
+
+def test_yaml_floats_and_nested_overrides_are_accepted(tmp_path):
+    from pipeline.config import load_params
+
+    raw = yaml.safe_load(PARAMS.read_text())
+    raw["train"]["lr"] = "1e-3"  # what PyYAML makes of `lr: 1e-3`
+    path = tmp_path / "params.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    assert load_params(path).train.lr == 1e-3
+    params = load_params(path, ["train.lr=5E-4", "data.train.questions_json=/data/q.json", "data.train.n=8"])
+    assert params.train.lr == 5e-4 and params.data.train["questions_json"] == "/data/q.json"
+    assert params.data.train["n"] == 8
+
+
+def test_outputs_that_cannot_be_written_fail_before_any_work(tmp_path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    result = cli(
+        "evaluate", "--metrics", blocker / "m.json", "--predictions", tmp_path / "p.jsonl", *overrides()
+    )
+    assert result.returncode == 2 and f"output file {blocker / 'm.json'} cannot be written" in last_line(
+        result
+    )
+    assert "Loading weights" not in result.stderr
+    result = cli("extract", "--out", "/proc/mimic/teacher.zarr", *overrides())
+    assert result.returncode == 2 and "teacher store /proc/mimic/teacher.zarr cannot be written" in last_line(
+        result
+    )
+    result = cli("train", "--run-dir", blocker, "--cache", tmp_path / "none.zarr", *overrides())
+    assert result.returncode == 2 and "cannot be written" in last_line(result)
