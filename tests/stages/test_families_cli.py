@@ -46,19 +46,13 @@ def test_extract_train_evaluate_end_to_end(name, data, tmp_path):
         assert max(reader.token_counts) < 30 and min(reader.token_counts) >= reader.answer_counts[0]
     cli("train", "--params", params, "--cache", store, "--run-dir", run, check=True)
     assert (run / "shift" / "shift_config.json").is_file()
-    metrics, predictions = tmp_path / "metrics.json", tmp_path / "predictions.jsonl"
-    result = cli(
-        "evaluate",
-        "--params",
-        params,
-        "--shift",
-        run / "shift",
-        "--metrics",
-        metrics,
-        "--predictions",
-        predictions,
-        check=True,
+    metrics, predictions, results = (
+        tmp_path / "metrics.json",
+        tmp_path / "predictions.jsonl",
+        tmp_path / "results",
     )
+    evaluate = ["evaluate", "--params", params, "--shift", run / "shift", "--metrics", metrics]
+    result = cli(*evaluate, "--predictions", predictions, "--results", results, check=True)
     report = json.loads(metrics.read_text())
     latency = json.loads((tmp_path / "metrics_latency.json").read_text())
     assert report["metric"] == "vqa_accuracy" and report["data"]["queries"] == 6
@@ -66,5 +60,13 @@ def test_extract_train_evaluate_end_to_end(name, data, tmp_path):
         assert 0 <= report["score"][method] <= 100
         assert method in result.stdout
     assert latency["icl"]["prompt_tokens_per_sample"] > latency["zero_shot"]["prompt_tokens_per_sample"]
+    evaluation = data[
+        1
+    ]  # the official VQA result file, rescored by `mimic score vqa`, gives the same accuracy
+    rescored = tmp_path / "rescored.json"
+    scoring = ["score", "vqa", "--predictions", results / "icl.json", "--subset", "--json", rescored]
+    questions, annotations = evaluation["questions_json"], evaluation["annotations_json"]
+    cli(*scoring, "--questions", questions, "--annotations", annotations, check=True)
+    assert json.loads(rescored.read_text())["overall"] == pytest.approx(report["score"]["icl"], abs=1e-3)
     rows = [json.loads(line) for line in predictions.read_text().splitlines()]
     assert len(rows) == 6 and all(isinstance(r["mimic"]["prediction"], str) for r in rows)

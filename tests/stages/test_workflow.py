@@ -4,6 +4,7 @@ any model is loaded, outputs are whole or absent. Every check runs the CLI as a 
 from __future__ import annotations
 
 import json
+import re
 import shutil
 
 import pytest
@@ -121,3 +122,85 @@ def test_outputs_that_cannot_be_written_fail_before_any_work(tmp_path):
     )
     result = cli("train", "--run-dir", blocker, "--cache", tmp_path / "none.zarr", *overrides())
     assert result.returncode == 2 and "cannot be written" in last_line(result)
+
+
+def strict(text: str):
+    """json.loads that refuses NaN and Infinity, as strict JSON readers do."""
+    return json.loads(text, parse_constant=lambda name: pytest.fail(f"non-JSON constant {name}"))
+
+
+def test_captions_report_cider_bleu_rouge_in_strict_json(tmp_path):
+    from real_checkpoints import fixture_image
+
+    root = tmp_path / "coco"
+    captions = ["a red square", "two blue squares", "a green square on grey", "red and grey", "blue", "green"]
+    images = []
+    for n, caption in enumerate(captions):
+        name = f"COCO_val2014_{n + 1:012d}.jpg"
+        (root / "val2014").mkdir(parents=True, exist_ok=True)
+        fixture_image(("red", "blue", "green")[n % 3], 1 + n % 2, (32 + 8 * n, 32)).save(
+            root / "val2014" / name
+        )
+        sentences = [{"raw": caption}, {"raw": f"{caption} here"}]
+        images.append(
+            {
+                "filepath": "val2014",
+                "filename": name,
+                "split": "test",
+                "sentences": sentences,
+                "cocoid": n + 1,
+            }
+        )
+    karpathy = tmp_path / "dataset_coco.json"
+    karpathy.write_text(json.dumps({"images": images, "dataset": "coco"}))
+    source = f"{{kind: coco_karpathy, karpathy_json: {karpathy}, image_root: {root}, split: test}}"
+    metrics, predictions, results = tmp_path / "m.json", tmp_path / "p.jsonl", tmp_path / "results"
+    evaluate = ["evaluate", "--metrics", metrics, "--predictions", predictions, "--results", results]
+    settings = overrides(f"data.eval={source}", "data.n_eval=6", "evaluate.methods=[zero_shot, icl]")
+    result = cli(*evaluate, *settings, check=True)
+    report = strict(metrics.read_text())
+    assert report["metric"] == "cider_d" and report["data"]["kind"] == "coco_karpathy"
+    for method in ("zero_shot", "icl"):
+        assert set(report["captions"][method]) == {"bleu4", "rouge_l"} and report["score"][method] >= 0
+        official = strict((results / f"{method}.json").read_text())
+        assert [o["image_id"] for o in official] == list(range(1, 7)) and all(
+            "caption" in o for o in official
+        )
+    rows = [strict(line) for line in predictions.read_text().splitlines()]
+    assert len(rows) == 6 and all(r["icl"]["score"] is None for r in rows)  # CIDEr-D has no per-item score
+    rescored = tmp_path / "rescored.json"
+    scoring = ["score", "caption", "--predictions", results / "icl.json", "--annotations", karpathy]
+    cli(*scoring, "--json", rescored, check=True)  # the official result file, scored by `mimic score`
+    again = json.loads(rescored.read_text())
+    assert 100 * again["CIDEr"] == pytest.approx(report["score"]["icl"], abs=1e-3)
+    assert 100 * again["Bleu_4"] == pytest.approx(report["captions"]["icl"]["bleu4"], abs=1e-3)
+    assert "cider_d" in result.stdout.strip().splitlines()[-3]
+
+
+def test_a_written_float_and_a_nested_override_reach_the_run(tmp_path):
+    text = PARAMS.read_text().replace("lr: 0.03", "lr: 1e-3")
+    assert "lr: 1e-3" in text
+    path = tmp_path / "params.yaml"
+    path.write_text(text)
+    # the run gets past parsing (lr as written, a nested data field) and stops at the device check
+    result = cli("train", "--params", path, "-s", "data.train.task=shape", "-s", "model.device=cuda:3")
+    assert result.returncode == 2 and "model.device='cuda:3'" in last_line(result)
+
+
+def test_rising_alignment_loss_is_reported(tmp_path):
+    store = tmp_path / "teacher.zarr"
+    cli("extract", "--out", store, *overrides(), check=True)
+    result = cli(
+        "train",
+        "--cache",
+        store,
+        "--run-dir",
+        tmp_path / "run",
+        *overrides("train.lr=100", "train.warmup=0.6", "train.epochs=3"),
+    )
+    assert result.returncode == 0
+    info = json.loads((tmp_path / "run" / "train_info.json").read_text())
+    assert info["last_align"] > info["first_align"]
+    assert "the alignment loss rose over training" in result.stderr
+    assert re.search(r"train: 100%\|[^|]*\| 9/9 ", result.stderr)  # one bar over all epochs: a total ETA
+    assert (tmp_path / "run" / "train_curves.png").read_bytes()[:4] == b"\x89PNG"
