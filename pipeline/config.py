@@ -17,6 +17,18 @@ import yaml
 
 from pipeline.errors import MimicError
 
+# The choices of the text-valued fields (tests/test_config.py checks them against the modules that use them).
+SITES = ("attn", "mlp", "layer")  # pipeline.families.SITES
+CODECS = ("lossless", "int8")  # pipeline.cache_codecs.CODECS
+VARIANTS = ("mimic", "shared_vector", "scalar_magnitude", "ffn")  # pipeline.shift.VARIANTS
+PRECISIONS = ("fp32", "bf16", "fp16")
+DTYPES = ("float32", "float16", "bfloat16", "float64")  # pipeline.models.DTYPES
+
+
+def _one_of(field: str, value: str, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise MimicError(f"{field}={value!r}: choose one of {', '.join(choices)}")
+
 
 def _at_least(section: str, minimum: int | float, **values) -> None:
     """One error naming every field of `section` below its minimum."""
@@ -30,6 +42,9 @@ class ModelConfig:
     name: str  # "embedded" or a local checkpoint directory
     dtype: str  # float32 on CPU; bfloat16 on GPU for 8B models
     device: str  # "cpu", "cuda", "cuda:1" ...
+
+    def __post_init__(self):
+        _one_of("model.dtype", self.dtype, DTYPES)
 
 
 @dataclass(frozen=True)
@@ -63,6 +78,8 @@ class ExtractConfig:
         _at_least("extract", 0, topk=self.topk, chunk_tokens=self.chunk_tokens)
         if self.layers is not None and (not self.layers or min(self.layers) < 0):
             raise MimicError(f"extract.layers={self.layers!r}: give layer numbers from 0, or null for all")
+        _one_of("extract.site", self.site, SITES)
+        _one_of("extract.codec", self.codec, CODECS)
         if self.positions not in ("all", "text"):
             raise MimicError(f"extract.positions must be all or text, got {self.positions!r}")
 
@@ -86,7 +103,9 @@ class TrainConfig:
         _at_least("train", 1, epochs=self.epochs, batch_size=self.batch_size, grad_accum=self.grad_accum)
         _at_least("train", 0, weight_decay=self.weight_decay, ce_weight=self.ce_weight)
         _at_least("train", 0, align_weight=self.align_weight, warmup=self.warmup)
-        if not (self.lr > 0 and self.clip > 0 and self.warmup < 1):
+        _one_of("train.variant", self.variant, VARIANTS)
+        _one_of("train.precision", self.precision, PRECISIONS)
+        if not (0 < self.lr < math.inf and 0 < self.clip < math.inf and self.warmup < 1):
             raise MimicError(
                 f"train.lr={self.lr}, train.clip={self.clip}, train.warmup={self.warmup}: lr and clip must be "
                 "positive, warmup a fraction below 1"
@@ -117,6 +136,16 @@ class Params:
     extract: ExtractConfig
     train: TrainConfig
     evaluate: EvaluateConfig
+
+    def __post_init__(self):
+        for field, k in (("extract.k", self.extract.k), ("evaluate.k", self.evaluate.k)):
+            if k > self.data.n_support:
+                raise MimicError(f"{field}={k} demonstrations, but data.n_support={self.data.n_support}")
+        if self.train.precision != "fp32" and not self.model.device.startswith("cuda"):
+            raise MimicError(
+                f"train.precision={self.train.precision} needs a GPU (model.device is {self.model.device}); "
+                "use fp32 on CPU"
+            )
 
 
 def _check(value, kind, where: str):

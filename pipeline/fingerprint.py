@@ -13,6 +13,7 @@ from pipeline import __version__
 from pipeline.config import Params
 from pipeline.errors import MimicError
 from pipeline.models import Loaded, config_fingerprint, tokenizer_fingerprint, weights_fingerprint
+from pipeline.sources import sources_hash
 from pipeline.splits import Splits
 
 
@@ -32,6 +33,9 @@ def _file_hash(path: Path, size: int, mtime_ns: int) -> str:
 
 def _image_hash(image) -> str:
     if isinstance(image, Image.Image):
+        encoded = getattr(getattr(image, "fp", None), "getvalue", None)
+        if encoded is not None:  # not decoded yet (a table's image bytes): hash them, decode nothing
+            return hashlib.sha256(encoded()).hexdigest()
         return hashlib.sha256(f"{image.mode}{image.size}".encode() + image.tobytes()).hexdigest()
     path = Path(image)
     try:
@@ -53,6 +57,13 @@ def content_hash(items) -> str:
     return digest.hexdigest()[:16]
 
 
+def image_processor_fingerprint(processor) -> str:
+    """A hash of the image processor's settings (size, resampling, mean and std: they change the pixels)."""
+    images = getattr(processor, "image_processor", None)
+    text = images.to_json_string() if images is not None else ""
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
 def teacher_fingerprint(params: Params, loaded: Loaded, splits: Splits, layers: list[int]) -> dict:
     """Model and tokenizer first: a cache for another model is reported as such, before anything else."""
     ex = params.extract
@@ -60,6 +71,7 @@ def teacher_fingerprint(params: Params, loaded: Loaded, splits: Splits, layers: 
         "model_config": config_fingerprint(loaded.model.config),
         "model_weights": weights_fingerprint(loaded.model),
         "tokenizer": tokenizer_fingerprint(loaded.processor),
+        "image_processor": image_processor_fingerprint(loaded.processor),
         "model_dtype": params.model.dtype,
         # the data's content, not its paths: a moved dataset keeps its cache, an edited one does not
         "support_content": content_hash(splits.support),
@@ -77,4 +89,5 @@ def teacher_fingerprint(params: Params, loaded: Loaded, splits: Splits, layers: 
         "topk": ex.topk,
         "positions": ex.positions,
         "package_version": __version__,
+        "code": sources_hash("stages.extract"),  # the teacher's code, comments and docstrings aside
     }

@@ -189,10 +189,11 @@ def tokenizer_fingerprint(processor) -> str:
 
 def weights_fingerprint(model: torch.nn.Module, values_per_tensor: int = 256) -> str:
     """A cheap hash of the weights: every parameter's name, shape and first values (two checkpoints of one
-    architecture differ here, and reading 8B weights in full is not needed to tell them apart)."""
+    architecture differ here, and reading 8B weights in full is not needed to tell them apart). Values are
+    rounded to bfloat16 first, so one checkpoint loaded in float32 or bfloat16 hashes the same."""
     digest = hashlib.sha256()
     for name, param in model.named_parameters():
-        head = param.detach().flatten()[:values_per_tensor].to("cpu", torch.float32)
+        head = param.detach().flatten()[:values_per_tensor].to("cpu", torch.bfloat16).to(torch.float32)
         digest.update(f"{name}{tuple(param.shape)}".encode())
         digest.update(head.numpy().tobytes())
     return digest.hexdigest()[:16]

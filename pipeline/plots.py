@@ -10,6 +10,11 @@ matplotlib.use("Agg")  # no display; must precede pyplot
 import matplotlib.pyplot as plt  # noqa: E402
 
 COLOURS = {"loss": "#1f77b4", "ce": "#d62728", "align": "#2ca02c"}  # one distinct colour per component
+STYLES = {
+    "loss": ("-", 2.4),
+    "ce": (":", 1.6),
+    "align": ("--", 1.4),
+}  # loss drawn wide: align runs close to it
 
 
 def _save(fig, path: Path) -> None:
@@ -24,7 +29,8 @@ def training_curves(rows: list[dict], path: Path, title: str = "training") -> No
     fig, ax = plt.subplots(figsize=(7, 3.6))
     steps = [r["step"] for r in rows]
     for key, colour in COLOURS.items():
-        ax.plot(steps, [r[key] for r in rows], label=key, color=colour, linewidth=1.4)
+        style, width = STYLES[key]
+        ax.plot(steps, [r[key] for r in rows], label=key, color=colour, linestyle=style, linewidth=width)
     for r, previous in zip(rows[1:], rows):
         if r["epoch"] != previous["epoch"]:
             ax.axvline(r["step"] - 0.5, color="#999999", linestyle=":", linewidth=0.8)

@@ -107,17 +107,20 @@ def load_shift(
     return shift
 
 
-def check_shift_base(directory: str | Path, weights: str, prompt: str, allow_other: bool = False) -> None:
+def check_shift_base(
+    directory: str | Path, weights: str | None, prompt: str | None, allow_other: bool = False
+) -> None:
     """Refuse a shift trained on another checkpoint (same geometry, other weights: a base model's shift on its
-    instruct sibling) or with another prompt template, unless `allow_other`; one line naming both."""
+    instruct sibling) or with another prompt template, unless `allow_other`; one line naming both. `weights`
+    None checks the prompt only (before a model is loaded), `prompt` None the weights only."""
     config = read_shift_config(directory)
     problems = []
-    if config.get("base_weights") not in (None, weights):
+    if weights is not None and config.get("base_weights") not in (None, weights):
         problems.append(
             f"it was trained on model {config.get('base_model')!r} (weights {config['base_weights']}), this "
             f"model's weights are {weights}"
         )
-    if config.get("prompt") not in (None, prompt):
+    if prompt is not None and config.get("prompt") not in (None, prompt):
         problems.append(f"it was trained with the prompt {config['prompt']!r}, this run uses {prompt!r}")
     if problems and not allow_other:
         raise MimicError(

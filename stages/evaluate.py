@@ -23,7 +23,7 @@ from pipeline.outputs import check_writable, write_text_atomic
 from pipeline.plots import method_scores
 from pipeline.prompts import PromptBuilder
 from pipeline.shift import MimicShift, attach, spec_for
-from pipeline.shift_io import check_shift_base, load_shift, read_shift_config
+from pipeline.shift_io import check_shift_base, load_shift
 from pipeline.splits import make_splits
 
 log = logging.getLogger(__name__)
@@ -54,14 +54,14 @@ def evaluate(
     if "mimic" in ev.methods:
         if shift_dir is None or not shift_dir.is_dir():
             raise MimicError(f"run directory not found: {shift_dir} (train a shift with `mimic train` first)")
-        read_shift_config(shift_dir)
+        check_shift_base(shift_dir, None, params.prompt, allow_other_base)  # the prompt, before the model
+    splits = make_splits(params.data)  # data errors before the model is read
     loaded = load_model(params.model.name, params.model.dtype, params.model.device)
     if "mimic" in ev.methods:
         shift = load_shift(shift_dir, loaded.adapter, device=params.model.device)
-        check_shift_base(shift_dir, weights_fingerprint(loaded.model), params.prompt, allow_other_base)
+        check_shift_base(shift_dir, weights_fingerprint(loaded.model), None, allow_other_base)
     else:  # attached but never enabled: every method runs through the same attention function
         shift = MimicShift(spec_for(loaded.adapter)).to(params.model.device)
-    splits = make_splits(params.data)
     builder = PromptBuilder.for_model(loaded, params.prompt)
     queries = splits.eval
     icd = sample_icd_sets([q.id for q in queries], splits.support, ev.k, 1, ev.seed)
@@ -76,16 +76,19 @@ def evaluate(
     answers, seconds, tokens = interleaved(loaded.model, builder, prompts, shift, ev)
     kind = params.data.eval["kind"]
     scored = {m: score(kind, queries, answers[m]) for m in ev.methods}
+    metric = next(iter(scored.values())).metric
+    shift_name = str(shift_dir) if "mimic" in ev.methods else "none"
+    scored_on = {**params.data.eval, "queries": len(queries), "split_seed": params.data.seed}
+    where = ", ".join(f"{k}={v}" for k, v in scored_on.items() if v is not None)
     report = {
-        "metric": next(iter(scored.values())).metric,
-        "model": params.model.name,
-        "data": {**params.data.eval, "queries": len(queries), "seed": params.data.seed},
-        "shift": str(shift_dir) if "mimic" in ev.methods else None,
-        "run": shift_dir.parent.name if "mimic" in ev.methods and shift_dir is not None else None,
+        # what was scored, in one line (one column in `dvc exp show`)
+        "about": f"{metric} of {params.model.name} on {where}; shift {shift_name}",
+        "metric": metric,
         "score": {m: round(s.value, 4) for m, s in scored.items()},
         **({"captions": {m: s.extra for m, s in scored.items()}} if kind == "coco_karpathy" else {}),
     }
-    latency = latency_report(seconds, tokens, len(queries), ev)
+    latency_extra = {"model": params.model.name, "data": scored_on, "shift": shift_name}
+    latency = {**latency_report(seconds, tokens, len(queries), ev), **latency_extra}
     rows = [{"id": q.id, "question": q.question, "answers": list(q.answers)} for q in queries]
     for method, result in scored.items():
         for row, answer, value in zip(rows, answers[method], result.per_item):
@@ -135,7 +138,7 @@ def interleaved(model, builder, prompts: dict, shift, ev):
             for method in methods[c % len(methods) :] + methods[: c % len(methods)]:
                 out = run(method, first, last, method)
                 answers[method] += out.answers
-                seconds[method].append(out.seconds / (last - first))
+                seconds[method].append((out.seconds, last - first))  # (seconds, queries) of the chunk
                 tokens[method] += out.prompt_tokens
     shift.enabled = True
     return answers, seconds, tokens
@@ -150,14 +153,15 @@ def latency_path(metrics_path: Path) -> Path:
 
 
 def latency_report(seconds: dict, tokens: dict, n: int, ev) -> dict:
-    """Per method: mean ms per sample over all queries, and the quartiles of the per-chunk means (the spread
-    between chunks of the same run); prompt tokens per sample; MimIC's speed-up over ICL."""
+    """Per method: ms per sample over all queries, and the quartiles of the chunks' ms per sample (the spread
+    between chunks of one run, the methods timed in turn on each chunk); prompt tokens per sample; MimIC's
+    speed-up over ICL."""
     report = {}
     for method, per_chunk in seconds.items():
-        ms = [1000 * s for s in per_chunk]
+        ms = [1000 * s / count for s, count in per_chunk]  # each chunk's ms per sample
         q1, _, q3 = statistics.quantiles(ms, n=4) if len(ms) > 1 else (ms[0], ms[0], ms[0])
         report[method] = {
-            "ms_per_sample": round(statistics.fmean(ms), 3),
+            "ms_per_sample": round(1000 * sum(s for s, _ in per_chunk) / n, 3),  # all time over all queries
             "ms_per_sample_p25": round(q1, 3),
             "ms_per_sample_p75": round(q3, 3),
             "prompt_tokens_per_sample": round(sum(tokens[method]) / n, 2),

@@ -37,8 +37,8 @@ def extract(params_path: Path, out: Path, overrides: list[str], replace: bool = 
     ex = params.extract
     check_model(params.model.name, params.model.dtype, params.model.device, ex.layers)
     check_writable(out, "teacher store", folder=True)
+    splits = make_splits(params.data)  # data errors before the model is read
     loaded = load_model(params.model.name, params.model.dtype, params.model.device)
-    splits = make_splits(params.data)
     samples = training_samples(splits.train, splits.support, ex.k, ex.m, ex.seed)
     geo = loaded.adapter.geometry
     layers = list(range(geo.num_layers)) if ex.layers is None else sorted(ex.layers)

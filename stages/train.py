@@ -64,13 +64,14 @@ def train(
     check_writable(run_dir / "shift", "run directory", folder=True)
     if cache is not None:
         CacheReader.open(cache, verify=False)  # exists and complete: fail before loading a large model
+    splits = make_splits(params.data)  # data errors before the model is read
     loaded = loaded or load_model(params.model.name, params.model.dtype, params.model.device)
     model, adapter = loaded.model, loaded.adapter
-    splits = make_splits(params.data)
     layers = list(range(adapter.geometry.num_layers)) if ex.layers is None else sorted(ex.layers)
+    teacher = teacher_fingerprint(params, loaded, splits, layers)  # model, data content, prompt, extract
     reader = None
     if cache is not None:  # checked before any step: model, tokenizer, data, prompts, k, M, site, layers
-        reader = CacheReader.open(cache, expect=teacher_fingerprint(params, loaded, splits, layers))
+        reader = CacheReader.open(cache, expect=teacher)
     samples = training_samples(splits.train, splits.support, ex.k, ex.m, ex.seed)
     builder = PromptBuilder.for_model(loaded, params.prompt)
     shift = MimicShift(spec_for(adapter, tr.variant), torch.Generator().manual_seed(tr.seed)).to(
@@ -84,23 +85,25 @@ def train(
     scaler = torch.amp.GradScaler("cuda", enabled=tr.precision == "fp16")
 
     checkpoint_path = run_dir / "checkpoint.pt"
-    identity = json.dumps(
-        {
-            "params": [vars(tr), vars(ex), vars(params.model), vars(params.data), params.prompt],
-            "teacher": reader.fingerprint if reader is not None else "online",
-            "code": sources_hash("stages.train"),
-        },
-        sort_keys=True,
-        default=str,
-    )
+    # What the shift's values depend on (not where data lives, the evaluation set or the device): a checkpoint
+    # of the same identity is resumed, any other is not
+    identity = {
+        "train": vars(tr),
+        "teacher": teacher,
+        "online": cache is None,
+        "code": sources_hash("stages.train"),  # comments and docstrings aside
+    }
     rows, epoch_seconds, start_epoch = [], [], 0
+    identity = json.loads(json.dumps(identity, sort_keys=True, default=str))
     if (state := load_checkpoint(checkpoint_path)) is not None and state.get("identity") != identity:
+        old = state.get("identity") if isinstance(state.get("identity"), dict) else {}
+        differs = [k for k in identity if old.get(k) != identity[k]] or ["format"]
         if not replace:
             raise MimicError(
-                f"{checkpoint_path} belongs to a run with other parameters, teacher or training code; use another "
-                "--run-dir, delete it, or pass --replace"
+                f"{checkpoint_path} belongs to another run (its {', '.join(differs)} differ); use another --run-dir, "
+                "delete it, or pass --replace"
             )
-        log.info("discarding %s: it belongs to another run", checkpoint_path)
+        log.info("discarding %s: it belongs to another run (%s differ)", checkpoint_path, ", ".join(differs))
         state = None
     if state is not None:
         shift.load_state_dict(state["shift"])
@@ -130,6 +133,11 @@ def train(
                     ce = answer_ce(logits, batch)
                     align = alignment_loss(got.states, [t.to(logits.device) for t in target])
                     loss = tr.ce_weight * ce + tr.align_weight * align
+                if not torch.isfinite(loss):  # the checkpoint of the last finished epoch stays as it was
+                    raise MimicError(
+                        f"the training loss became {loss.item()} at step {len(rows)} (epoch {epoch + 1}): lower "
+                        f"train.lr (now {tr.lr})"
+                    )
                 scaler.scale(loss / tr.grad_accum).backward()
                 if (i + 1) % tr.grad_accum == 0 or i + 1 == len(batches):
                     scaler.unscale_(optimizer)

@@ -56,3 +56,10 @@ def test_the_readme_real_checkpoint_example_parses(tmp_path):
     path.write_text(yaml.safe_dump(raw))
     params = load_params(path)
     assert params.extract.k == 8 and params.extract.positions == "text" and params.evaluate.num_beams == 3
+
+
+def test_config_choices_match_the_modules_that_use_them():
+    from pipeline import cache_codecs, config, families, models, shift
+
+    assert config.SITES == families.SITES and config.CODECS == cache_codecs.CODECS
+    assert config.VARIANTS == shift.VARIANTS and set(config.DTYPES) == set(models.DTYPES)

@@ -84,7 +84,7 @@ def test_stage_dependencies_are_exactly_the_files_each_recipe_imports():
     stages = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
     for stage, module in STAGES.items():
         listed = {d for d in stages[stage]["deps"] if d.endswith(".py")}
-        assert listed == set(stage_sources(module)), stage
+        assert listed == set(stage_sources(module)), f"{stage}: run `python -m pipeline.sources dvc.yaml`"
         # independent of the import parser: what importing the recipe actually loads is among them
         code = (
             f"import sys, {module}; from pathlib import Path; root = Path.cwd()\n"

@@ -42,9 +42,17 @@ def test_three_methods_scored_with_the_shared_metric(run):
     )
     report = json.loads(metrics.read_text())
     latency = json.loads((run / "metrics_latency.json").read_text())
-    assert report["metric"] == "exact_match" and report["model"] == "embedded"
-    assert report["data"]["kind"] == "embedded" and report["data"]["queries"] == 24
-    assert report["shift"] == str(run / "run" / "shift") and report["run"] == "run"
+    assert report["metric"] == "exact_match" and set(report) == {
+        "about",
+        "metric",
+        "score",
+    }  # few DVC columns
+    about = report["about"]
+    assert about.startswith("exact_match of embedded on kind=embedded, task=color") and "queries=24" in about
+    assert about.endswith(f"shift {run / 'run' / 'shift'}")
+    assert (
+        latency["model"] == "embedded" and latency["data"]["queries"] == 24 and latency["data"]["seed"] == 0
+    )
     for method in ("zero_shot", "icl", "mimic"):
         assert 0 <= report["score"][method] <= 100
         r = latency[method]

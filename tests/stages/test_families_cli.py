@@ -55,7 +55,7 @@ def test_extract_train_evaluate_end_to_end(name, data, tmp_path):
     result = cli(*evaluate, "--predictions", predictions, "--results", results, check=True)
     report = json.loads(metrics.read_text())
     latency = json.loads((tmp_path / "metrics_latency.json").read_text())
-    assert report["metric"] == "vqa_accuracy" and report["data"]["queries"] == 6
+    assert report["metric"] == "vqa_accuracy" and "queries=6" in report["about"]
     for method in ("zero_shot", "icl", "mimic"):
         assert 0 <= report["score"][method] <= 100
         assert method in result.stdout

@@ -78,4 +78,7 @@ def test_checkpoint_of_other_parameters_is_refused(store, tmp_path):
     run = tmp_path / "run"
     cli("train", "--cache", store, "--run-dir", run, *overrides("train.epochs=1"), check=True)
     result = cli("train", "--cache", store, "--run-dir", run, *overrides("train.epochs=1", "train.lr=0.5"))
-    assert result.returncode == 2 and "other parameters" in result.stderr.strip().splitlines()[-1]
+    assert (
+        result.returncode == 2
+        and "belongs to another run (its train differ)" in result.stderr.strip().splitlines()[-1]
+    )
