@@ -120,11 +120,12 @@ class EvaluateConfig:
     max_batch_tokens: int  # padded prompt tokens x rows x beams per generate call (its KV cache); 0 = no cap
     num_beams: int  # 1 = greedy; the paper uses 3 for VQA
     max_new_tokens: int  # the paper uses 10 for VQA
+    repeats: int  # timed passes over the queries (latency spread); answers come from the first
     seed: int  # demonstration sampling for icl
 
     def __post_init__(self):
         _at_least("evaluate", 1, k=self.k, batch_size=self.batch_size, num_beams=self.num_beams)
-        _at_least("evaluate", 1, max_new_tokens=self.max_new_tokens)
+        _at_least("evaluate", 1, max_new_tokens=self.max_new_tokens, repeats=self.repeats)
         _at_least("evaluate", 0, max_batch_tokens=self.max_batch_tokens)
 
 

@@ -108,8 +108,8 @@ def evaluate(
 
 def interleaved(model, builder, prompts: dict, shift, ev):
     """Generate every method's answers chunk by chunk of `ev.batch_size` queries, the methods' order rotating
-    from chunk to chunk, after one untimed warm-up chunk per method; returns answers, per-chunk seconds and
-    prompt tokens per method."""
+    from chunk to chunk, after one untimed warm-up chunk per method; `ev.repeats` passes are timed (answers come
+    from the first). Returns answers, per-chunk (seconds, queries) and prompt tokens per method."""
     methods = list(prompts)
     n = len(next(iter(prompts.values())))
     chunks = [(first, min(first + ev.batch_size, n)) for first in range(0, n, ev.batch_size)]
@@ -134,12 +134,15 @@ def interleaved(model, builder, prompts: dict, shift, ev):
     with attach(model, shift):
         for method in methods:  # warm-up: first calls pay for allocations and lazy set-up
             run(method, *chunks[0], "warm-up")
-        for c, (first, last) in enumerate(tqdm(chunks, desc="evaluate", unit="chunk")):
+        turns = [(r, c) for r in range(ev.repeats) for c in range(len(chunks))]
+        for r, c in tqdm(turns, desc="evaluate", unit="chunk"):
+            first, last = chunks[c]
             for method in methods[c % len(methods) :] + methods[: c % len(methods)]:
                 out = run(method, first, last, method)
-                answers[method] += out.answers
                 seconds[method].append((out.seconds, last - first))  # (seconds, queries) of the chunk
-                tokens[method] += out.prompt_tokens
+                if r == 0:  # later repeats only time the same generation again
+                    answers[method] += out.answers
+                    tokens[method] += out.prompt_tokens
     shift.enabled = True
     return answers, seconds, tokens
 
@@ -161,7 +164,8 @@ def latency_report(seconds: dict, tokens: dict, n: int, ev) -> dict:
         ms = [1000 * s / count for s, count in per_chunk]  # each chunk's ms per sample
         q1, _, q3 = statistics.quantiles(ms, n=4) if len(ms) > 1 else (ms[0], ms[0], ms[0])
         report[method] = {
-            "ms_per_sample": round(1000 * sum(s for s, _ in per_chunk) / n, 3),  # all time over all queries
+            # all generation time over all queries and repeats
+            "ms_per_sample": round(1000 * sum(s for s, _ in per_chunk) / (n * ev.repeats), 3),
             "ms_per_sample_p25": round(q1, 3),
             "ms_per_sample_p75": round(q3, 3),
             "prompt_tokens_per_sample": round(sum(tokens[method]) / n, 2),
@@ -171,7 +175,8 @@ def latency_report(seconds: dict, tokens: dict, n: int, ev) -> dict:
             report["icl"]["ms_per_sample"] / report["mimic"]["ms_per_sample"], 3
         )
     chunks = len(next(iter(seconds.values())))
-    report["settings"] = {"batch_size": ev.batch_size, "num_beams": ev.num_beams, "chunks": chunks}
+    report["settings"] = {"batch_size": ev.batch_size, "num_beams": ev.num_beams, "repeats": ev.repeats}
+    report["settings"]["timed_chunks"] = chunks
     return report
 
 

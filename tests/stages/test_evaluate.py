@@ -57,6 +57,9 @@ def test_three_methods_scored_with_the_shared_metric(run):
         assert 0 <= report["score"][method] <= 100
         r = latency[method]
         assert 0 < r["ms_per_sample_p25"] <= r["ms_per_sample_p75"] and r["ms_per_sample"] > 0
+    assert (
+        latency["settings"]["repeats"] == 2 and latency["settings"]["timed_chunks"] == 2
+    )  # 24 queries, batch 24
     assert latency["icl"]["prompt_tokens_per_sample"] > latency["zero_shot"]["prompt_tokens_per_sample"]
     assert latency["mimic"]["prompt_tokens_per_sample"] == latency["zero_shot"]["prompt_tokens_per_sample"]
     assert latency["mimic_speedup_over_icl"] == pytest.approx(
