@@ -106,7 +106,8 @@ def evaluate_command(
     from stages.evaluate import evaluate, format_report
 
     report = evaluate(params, shift, metrics, predictions, set_, results, allow_other_base)
-    typer.echo(format_report(report))
+    if report is not None:  # rank 0 of several, or the only process
+        typer.echo(format_report(report))
 
 
 @app.command("report")

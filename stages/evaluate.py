@@ -15,6 +15,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from pipeline.config import load_params
+from pipeline.distributed import gather, rank_device, share, world
 from pipeline.errors import MimicError
 from pipeline.evaluation import GenerationPrompts, generate_answers, official_results, score
 from pipeline.icd import sample_icd_sets
@@ -39,9 +40,13 @@ def evaluate(
     results_dir: Path | None = None,
     allow_other_base: bool = False,
 ) -> dict:
-    """Score every method of `evaluate.methods`; writes the outputs only when all of them are done."""
+    """Score every method of `evaluate.methods`; writes the outputs only when all of them are done. Under
+    `torchrun` each rank generates a contiguous share of the queries; rank 0 gathers them in order, scores once
+    and writes (the other ranks return None)."""
     params = load_params(params_path, overrides)
     ev = params.evaluate
+    here = world()
+    device = rank_device(params.model.device, here)
     unknown = [m for m in ev.methods if m not in METHODS]
     if unknown or not ev.methods:
         raise MimicError(f"evaluate.methods: unknown {unknown or '[]'}; choose from {', '.join(METHODS)}")
@@ -56,24 +61,27 @@ def evaluate(
             raise MimicError(f"run directory not found: {shift_dir} (train a shift with `mimic train` first)")
         check_shift_base(shift_dir, None, params.prompt, allow_other_base)  # the prompt, before the model
     splits = make_splits(params.data)  # data errors before the model is read
-    loaded = load_model(params.model.name, params.model.dtype, params.model.device)
+    loaded = load_model(params.model.name, params.model.dtype, device)
     if "mimic" in ev.methods:
-        shift = load_shift(shift_dir, loaded.adapter, device=params.model.device)
+        shift = load_shift(shift_dir, loaded.adapter, device=device)
         check_shift_base(shift_dir, weights_fingerprint(loaded.model), None, allow_other_base)
     else:  # attached but never enabled: every method runs through the same attention function
-        shift = MimicShift(spec_for(loaded.adapter)).to(params.model.device)
+        shift = MimicShift(spec_for(loaded.adapter)).to(device)
     builder = PromptBuilder.for_model(loaded, params.prompt)
     queries = splits.eval
-    icd = sample_icd_sets([q.id for q in queries], splits.support, ev.k, 1, ev.seed)
+    icd = sample_icd_sets([q.id for q in queries], splits.support, ev.k, 1, ev.seed)  # the same on every rank
+    mine = share(len(queries), here)
     prompts = {
         method: GenerationPrompts(
             builder,
-            [[splits.support[i] for i in icd[n][0]] if method == "icl" else [] for n in range(len(queries))],
-            queries,
+            [[splits.support[i] for i in icd[n][0]] if method == "icl" else [] for n in mine],
+            [queries[n] for n in mine],
         )
         for method in ev.methods
     }
-    answers, seconds, tokens = interleaved(loaded.model, builder, prompts, shift, ev)
+    answers, seconds, tokens = merge(gather(interleaved(loaded.model, builder, prompts, shift, ev), here))
+    if not here.main:
+        return None
     kind = params.data.eval["kind"]
     scored = {m: score(kind, queries, answers[m]) for m in ev.methods}
     metric = next(iter(scored.values())).metric
@@ -87,7 +95,12 @@ def evaluate(
         "score": {m: round(s.value, 4) for m, s in scored.items()},
         **({"captions": {m: s.extra for m, s in scored.items()}} if kind == "coco_karpathy" else {}),
     }
-    latency_extra = {"model": params.model.name, "data": scored_on, "shift": shift_name}
+    latency_extra = {
+        "model": params.model.name,
+        "data": scored_on,
+        "shift": shift_name,
+        "processes": here.size,
+    }
     latency = {**latency_report(seconds, tokens, len(queries), ev), **latency_extra}
     rows = [{"id": q.id, "question": q.question, "answers": list(q.answers)} for q in queries]
     for method, result in scored.items():
@@ -106,6 +119,16 @@ def evaluate(
     return {**report, "latency": latency}
 
 
+def merge(shares: list[tuple[dict, dict, dict]]) -> tuple[dict, dict, dict]:
+    """The ranks' (answers, seconds, tokens) joined in rank order: the queries' order."""
+    joined = ({}, {}, {})
+    for share_ in shares:
+        for total, part in zip(joined, share_):
+            for method, values in part.items():
+                total.setdefault(method, []).extend(values)
+    return joined
+
+
 def interleaved(model, builder, prompts: dict, shift, ev):
     """Generate every method's answers chunk by chunk of `ev.batch_size` queries, the methods' order rotating
     from chunk to chunk, after one untimed warm-up chunk per method; `ev.repeats` passes are timed (answers come
@@ -116,6 +139,8 @@ def interleaved(model, builder, prompts: dict, shift, ev):
     answers = {m: [] for m in methods}
     seconds = {m: [] for m in methods}
     tokens = {m: [] for m in methods}
+    if not chunks:  # a rank without queries (more ranks than queries)
+        return answers, seconds, tokens
 
     def run(method, first, last, desc):
         shift.enabled = method == "mimic"

@@ -1,0 +1,51 @@
+"""Several processes under `torchrun` (or `accelerate launch`): which share of the work is this rank's, and
+gathering the shares back in order. One process (no launcher) is a world of one and needs no process group."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass(frozen=True)
+class World:
+    rank: int
+    size: int
+    local_rank: int
+
+    @property
+    def main(self) -> bool:
+        """The rank that computes metrics once and writes the outputs."""
+        return self.rank == 0
+
+
+def world() -> World:
+    """This process's place, from the launcher's environment; joins the process group (gloo on CPU, NCCL on
+    CUDA) the first time in a world of several."""
+    size = int(os.environ.get("WORLD_SIZE", "1"))
+    here = World(int(os.environ.get("RANK", "0")), size, int(os.environ.get("LOCAL_RANK", "0")))
+    if size > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    return here
+
+
+def rank_device(device: str, here: World) -> str:
+    """`cuda` becomes this rank's GPU (`cuda:LOCAL_RANK`) in a world of several; any other device stays."""
+    return f"cuda:{here.local_rank}" if device == "cuda" and here.size > 1 else device
+
+
+def share(n: int, here: World) -> range:
+    """This rank's contiguous share of n items (shares differ in size by at most one, in rank order)."""
+    return range(here.rank * n // here.size, (here.rank + 1) * n // here.size)
+
+
+def gather(value, here: World) -> list:
+    """Every rank's `value` (any picklable object), in rank order, on every rank."""
+    if here.size == 1:
+        return [value]
+    values = [None] * here.size
+    dist.all_gather_object(values, value)
+    return values

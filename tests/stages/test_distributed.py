@@ -1,0 +1,65 @@
+"""`torchrun --nproc_per_node 2 --no-python mimic evaluate` on CPU (gloo): queries sharded, predictions gathered in
+order, metrics computed once, equal to one process."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+import yaml
+from conftest import ROOT, cli
+from real_checkpoints import save_tiny_checkpoint, write_vqa_fixture
+
+from pipeline.models import load_model
+from pipeline.shift import MimicShift, spec_for
+from pipeline.shift_io import save_shift
+
+BIN = Path(sys.executable).parent
+
+
+def test_two_process_evaluate_equals_one_process(tmp_path):
+    checkpoint = save_tiny_checkpoint("llava", tmp_path / "model")
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    params["model"]["name"] = str(checkpoint)
+    train = write_vqa_fixture(tmp_path / "data", 18, "train2014")
+    held_out = write_vqa_fixture(tmp_path / "data", 9, "val2014", seed=1)
+    params["data"].update(train=train, eval=held_out, n_support=12, n_train=2, n_eval=9)
+    params["evaluate"].update(k=2, batch_size=3, max_new_tokens=3, repeats=1)  # each rank's chunks as one's
+    path = tmp_path / "params.yaml"
+    path.write_text(yaml.safe_dump(params))
+    loaded = load_model(str(checkpoint))
+    shift = MimicShift(spec_for(loaded.adapter), torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        shift.v.normal_(0, 1.0, generator=torch.Generator().manual_seed(1))  # a shift that changes answers
+    save_shift(shift, tmp_path / "shift", loaded.adapter, prompt=params["prompt"])
+
+    def evaluate(out: Path, *launcher: str) -> subprocess.CompletedProcess:
+        args = ["evaluate", "--params", path, "--shift", tmp_path / "shift", "--metrics", out / "m.json"]
+        args += ["--predictions", out / "p.jsonl", "--results", out / "results"]
+        if not launcher:
+            return cli(*args, check=True)
+        env = {**os.environ, "OMP_NUM_THREADS": "1"}
+        command = [*launcher, str(BIN / "mimic"), *map(str, args)]
+        result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+        assert result.returncode == 0, result.stderr[-3000:]
+        return result
+
+    evaluate(tmp_path / "one")
+    launcher = [str(BIN / "torchrun"), "--standalone", "--nproc_per_node", "2", "--no-python"]
+    two = evaluate(tmp_path / "two", *launcher)
+    one_report = json.loads((tmp_path / "one" / "m.json").read_text())
+    two_report = json.loads((tmp_path / "two" / "m.json").read_text())
+    assert one_report == two_report  # every score, computed once on rank 0
+    assert (tmp_path / "one" / "p.jsonl").read_text() == (tmp_path / "two" / "p.jsonl").read_text()
+    for method in ("zero_shot", "icl", "mimic"):
+        one = (tmp_path / "one" / "results" / f"{method}.json").read_text()
+        assert one == (tmp_path / "two" / "results" / f"{method}.json").read_text()
+    latency = json.loads((tmp_path / "two" / "m_latency.json").read_text())
+    assert latency["processes"] == 2 and latency["icl"]["prompt_tokens_per_sample"] > 0
+    assert two.stdout.count("method ") == 1  # one table, from rank 0
+    ids = [json.loads(line)["id"] for line in (tmp_path / "two" / "p.jsonl").read_text().splitlines()]
+    assert len(ids) == 9 and len(set(ids)) == 9
