@@ -49,3 +49,22 @@ def gather(value, here: World) -> list:
     values = [None] * here.size
     dist.all_gather_object(values, value)
     return values
+
+
+def reduce_sum(values: torch.Tensor, here: World) -> torch.Tensor:
+    """The elementwise sum of `values` over the ranks (a CPU tensor; itself in a world of one)."""
+    if here.size > 1:
+        values = values.clone()
+        dist.all_reduce(values)
+    return values
+
+
+def reduce_gradients(parameters, here: World) -> None:
+    """Sum every parameter's gradient over the ranks (a rank whose part of a batch was empty adds zeros), so
+    every rank steps with the whole batch's gradient and the weights stay identical."""
+    if here.size == 1:
+        return
+    for param in parameters:
+        if param.grad is None:
+            param.grad = torch.zeros_like(param)
+        dist.all_reduce(param.grad)

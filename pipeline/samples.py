@@ -74,6 +74,17 @@ def _note_every_position_kept() -> None:
     log.info("extract.positions=text: this model has no image tokens in its text, every position is kept")
 
 
+def batch_counts(
+    builder: PromptBuilder, samples: TrainingSamples, indices: Sequence[int], positions: str, image_token_id
+) -> tuple[int, int]:
+    """A batch's answer tokens and aligned positions: the denominators of its losses, known to every process
+    that holds a part of it."""
+    rounds = [builder.tokens(samples.demos(j)[0]) for j in indices]
+    kept = kept_positions(builder, samples, indices, positions, image_token_id)
+    aligned = sum(len(r.input_ids) for r in rounds) if kept is None else sum(int(k.sum()) for k in kept)
+    return sum(int(r.answer_mask.sum()) for r in rounds), aligned
+
+
 def teacher_batch(builder: PromptBuilder, samples: TrainingSamples, indices: Sequence[int]):
     """Teacher inputs for samples `indices` and the number of query+answer tokens of each."""
     pairs = [samples.demos(j) for j in indices]

@@ -20,18 +20,27 @@ from pipeline.shift import MimicShift
 from pipeline.teacher import forward_query_states
 
 
-def alignment_loss(student: Sequence[torch.Tensor], target: Sequence[torch.Tensor]) -> torch.Tensor:
-    """Mean over layers of the MSE between student and teacher states; each item [L, n_i, hidden]."""
+def alignment_loss(
+    student: Sequence[torch.Tensor], target: Sequence[torch.Tensor], tokens: int | None = None
+) -> torch.Tensor:
+    """Mean over layers of the MSE between student and teacher states; each item [L, n_i, hidden]. With
+    `tokens` (the whole batch's, when this process holds a part of it) the squared errors are divided by the
+    batch's count, so the parts' losses add up to the batch's."""
     s = torch.cat(list(student), 1)  # (L, sum n_i, hidden)
     t = torch.cat([x.to(s.dtype) for x in target], 1)
-    return (s - t).square().mean(dim=(1, 2)).mean()
+    count = s.shape[1] if tokens is None else tokens
+    return (s - t).square().sum() / (s.shape[0] * count * s.shape[2])
 
 
-def answer_ce(logits: torch.Tensor, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Cross-entropy of the answer tokens; the logit at position t predicts token t + 1."""
+def answer_ce(
+    logits: torch.Tensor, batch: dict[str, torch.Tensor], answers: int | None = None
+) -> torch.Tensor:
+    """Cross-entropy of the answer tokens; the logit at position t predicts token t + 1. With `answers` (the
+    whole batch's answer tokens) the sum is divided by that count, as `alignment_loss` does with `tokens`."""
     mask = batch["answer_mask"][:, 1:].to(logits.device)
     labels = batch["input_ids"][:, 1:].to(logits.device)
-    return F.cross_entropy(logits[:, :-1][mask].float(), labels[mask])
+    total = F.cross_entropy(logits[:, :-1][mask].float(), labels[mask], reduction="sum")
+    return total / (int(mask.sum()) if answers is None else answers)
 
 
 class CacheTargets:
@@ -73,6 +82,9 @@ class OnlineTargets:
     def __iter__(self):
         model, adapter, builder, samples, shift, ex, layers = self.args
         for indices in self.batches:
+            if not indices:  # this process's part of a batch is empty
+                yield []
+                continue
             batch, lengths = teacher_batch(builder, samples, indices)
             keep = kept_positions(builder, samples, indices, ex.positions, adapter.image_token_id)
             with torch.no_grad(), _disabled(shift):

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -77,6 +78,8 @@ def train_command(
     from stages.train import train
 
     summary = train(params, None if online else cache, run_dir, set_, replace=replace)
+    if os.environ.get("RANK", "0") != "0":  # under torchrun: rank 0 reports
+        return
     typer.echo(
         f"{run_dir / 'shift'}: alignment loss {summary['first_align']:.4g} -> {summary['last_align']:.4g} "
         f"in {summary['steps']} steps"

@@ -19,13 +19,14 @@ from transformers import get_cosine_schedule_with_warmup
 
 from pipeline.cache_store import CacheReader
 from pipeline.config import load_params
+from pipeline.distributed import rank_device, reduce_gradients, reduce_sum, share, world
 from pipeline.errors import MimicError
 from pipeline.fingerprint import teacher_fingerprint
 from pipeline.models import Loaded, check_model, load_model
 from pipeline.outputs import check_writable, write_text_atomic
 from pipeline.plots import training_curves
 from pipeline.prompts import PromptBuilder
-from pipeline.samples import kept_positions, student_batch, training_samples
+from pipeline.samples import batch_counts, kept_positions, student_batch, training_samples
 from pipeline.shift import MimicShift, attach, spec_for
 from pipeline.shift_io import save_shift
 from pipeline.sources import sources_hash
@@ -61,11 +62,13 @@ def train(
     params = load_params(params_path, overrides)
     tr, ex = params.train, params.extract
     check_model(params.model.name, params.model.dtype, params.model.device, ex.layers)
+    here = world()  # under torchrun: each rank trains on its share of every batch
+    device = rank_device(params.model.device, here)
     check_writable(run_dir / "shift", "run directory", folder=True)
     if cache is not None:
         CacheReader.open(cache, verify=False)  # exists and complete: fail before loading a large model
     splits = make_splits(params.data)  # data errors before the model is read
-    loaded = loaded or load_model(params.model.name, params.model.dtype, params.model.device)
+    loaded = loaded or load_model(params.model.name, params.model.dtype, device)
     model, adapter = loaded.model, loaded.adapter
     layers = list(range(adapter.geometry.num_layers)) if ex.layers is None else sorted(ex.layers)
     teacher = teacher_fingerprint(params, loaded, splits, layers)  # model, data content, prompt, extract
@@ -74,9 +77,7 @@ def train(
         reader = CacheReader.open(cache, expect=teacher)
     samples = training_samples(splits.train, splits.support, ex.k, ex.m, ex.seed)
     builder = PromptBuilder.for_model(loaded, params.prompt)
-    shift = MimicShift(spec_for(adapter, tr.variant), torch.Generator().manual_seed(tr.seed)).to(
-        params.model.device
-    )
+    shift = MimicShift(spec_for(adapter, tr.variant), torch.Generator().manual_seed(tr.seed)).to(device)
     optimizer = torch.optim.AdamW(shift.parameters(), lr=tr.lr, weight_decay=tr.weight_decay)
     batches_per_epoch = math.ceil(len(splits.train) / tr.batch_size)
     total = math.ceil(batches_per_epoch / tr.grad_accum) * tr.epochs
@@ -118,28 +119,37 @@ def train(
         for epoch in range(start_epoch, tr.epochs):
             epoch_start = time.perf_counter()
             batches = epoch_batches(samples, epoch, tr.batch_size, tr.seed)
+            parts = [[b[n] for n in share(len(b), here)] for b in batches]  # this rank's rows of each batch
             targets = (
-                CacheTargets(reader, batches)
+                CacheTargets(reader, parts)
                 if reader is not None
-                else OnlineTargets(model, adapter, builder, samples, shift, batches, ex, layers)
+                else OnlineTargets(model, adapter, builder, samples, shift, parts, ex, layers)
             )
-            for i, (indices, target) in enumerate(zip(batches, targets)):
-                batch, lengths = student_batch(builder, samples, indices)
-                keep = kept_positions(builder, samples, indices, ex.positions, adapter.image_token_id)
-                with autocast():
-                    got, logits = forward_query_states(
-                        model, adapter, batch, lengths, ex.site, layers, kept=keep
-                    )
-                    ce = answer_ce(logits, batch)
-                    align = alignment_loss(got.states, [t.to(logits.device) for t in target])
-                    loss = tr.ce_weight * ce + tr.align_weight * align
-                if not torch.isfinite(loss):  # the checkpoint of the last finished epoch stays as it was
+            for i, (indices, part, target) in enumerate(zip(batches, parts, targets)):
+                answers, aligned = batch_counts(
+                    builder, samples, indices, ex.positions, adapter.image_token_id
+                )
+                values = torch.zeros(3)  # this rank's share of (loss, ce, align): the shares add up
+                if part:
+                    batch, lengths = student_batch(builder, samples, part)
+                    keep = kept_positions(builder, samples, part, ex.positions, adapter.image_token_id)
+                    with autocast():
+                        got, logits = forward_query_states(
+                            model, adapter, batch, lengths, ex.site, layers, kept=keep
+                        )
+                        ce = answer_ce(logits, batch, answers)
+                        align = alignment_loss(got.states, [t.to(logits.device) for t in target], aligned)
+                        loss = tr.ce_weight * ce + tr.align_weight * align
+                    scaler.scale(loss / tr.grad_accum).backward()
+                    values = torch.stack([loss, ce, align]).detach().float().cpu()
+                loss_value, ce_value, align_value = reduce_sum(values, here).tolist()
+                if not math.isfinite(loss_value):  # the checkpoint of the last finished epoch stays as it was
                     raise MimicError(
-                        f"the training loss became {loss.item()} at step {len(rows)} (epoch {epoch + 1}): lower "
+                        f"the training loss became {loss_value} at step {len(rows)} (epoch {epoch + 1}): lower "
                         f"train.lr (now {tr.lr})"
                     )
-                scaler.scale(loss / tr.grad_accum).backward()
                 if (i + 1) % tr.grad_accum == 0 or i + 1 == len(batches):
+                    reduce_gradients(shift.parameters(), here)
                     scaler.unscale_(optimizer)
                     torch.nn.utils.clip_grad_norm_(shift.parameters(), tr.clip)
                     scaler.step(optimizer)
@@ -149,35 +159,38 @@ def train(
                 row = {
                     "step": len(rows),
                     "epoch": epoch,
-                    "loss": loss.item(),
-                    "ce": ce.item(),
-                    "align": align.item(),
+                    "loss": loss_value,
+                    "ce": ce_value,
+                    "align": align_value,
                     "lr": optimizer.param_groups[0]["lr"],
                 }
                 rows.append(row)
                 bar.set_postfix(epoch=f"{epoch + 1}/{tr.epochs}", loss=f"{row['loss']:.4f}")
                 bar.update()
             epoch_seconds.append(time.perf_counter() - epoch_start)
-            save_checkpoint(
-                checkpoint_path,
-                {
-                    "shift": shift.state_dict(),
-                    "optimizer": optimizer.state_dict(),
-                    "scheduler": scheduler.state_dict(),
-                    "epoch": epoch + 1,
-                    "log": rows,
-                    "epoch_seconds": epoch_seconds,
-                    "identity": identity,
-                },
-            )
+            if here.main:  # one checkpoint, written by one rank; every rank holds the same weights
+                save_checkpoint(
+                    checkpoint_path,
+                    {
+                        "shift": shift.state_dict(),
+                        "optimizer": optimizer.state_dict(),
+                        "scheduler": scheduler.state_dict(),
+                        "epoch": epoch + 1,
+                        "log": rows,
+                        "epoch_seconds": epoch_seconds,
+                        "identity": identity,
+                    },
+                )
 
     provenance = {
         "params": {"train": vars(tr), "extract": vars(ex)},
         "cache": str(cache) if cache else "online",
     }
     provenance = json.loads(json.dumps(provenance, default=str))
-    save_shift(shift, run_dir / "shift", adapter, provenance=provenance, prompt=params.prompt)
     summary = training_summary(rows, epoch_seconds)
+    if not here.main:
+        return summary
+    save_shift(shift, run_dir / "shift", adapter, provenance=provenance, prompt=params.prompt)
     if summary["last_align"] > summary["first_align"]:
         log.warning(
             "the alignment loss rose over training (%.4g in the first epoch, %.4g in the last): lower train.lr",

@@ -63,3 +63,38 @@ def test_two_process_evaluate_equals_one_process(tmp_path):
     assert two.stdout.count("method ") == 1  # one table, from rank 0
     ids = [json.loads(line)["id"] for line in (tmp_path / "two" / "p.jsonl").read_text().splitlines()]
     assert len(ids) == 9 and len(set(ids)) == 9
+
+
+def test_two_process_training_equals_one_process(tmp_path):
+    from conftest import overrides
+
+    from pipeline.shift_io import load_shift
+    from stages.extract import extract
+
+    small = [o for o in overrides("train.epochs=2", "train.batch_size=8", "train.grad_accum=2")[1::2]]
+    store = tmp_path / "teacher.zarr"
+    extract(ROOT / "params.yaml", store, small)
+    args = ["train", "--cache", store, *[a for o in small for a in ("-s", o)]]
+    cli(*args, "--run-dir", tmp_path / "one", check=True)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    launcher = [
+        str(BIN / "torchrun"),
+        "--standalone",
+        "--nproc_per_node",
+        "2",
+        "--no-python",
+        str(BIN / "mimic"),
+    ]
+    command = [*launcher, *map(str, args), "--run-dir", str(tmp_path / "two")]
+    result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    one, two = load_shift(tmp_path / "one" / "shift"), load_shift(tmp_path / "two" / "shift")
+    for name, p in one.named_parameters():
+        assert (p - getattr(two, name)).abs().max() <= 1e-5, name
+    assert not torch.equal(one.v, load_shift(tmp_path / "one" / "shift").v * 0)
+    logs = [(tmp_path / run / "train_log.tsv").read_text().splitlines()[1:] for run in ("one", "two")]
+    for a, b in zip(*logs):  # the logged losses are the whole batch's, summed over the ranks' shares
+        assert all(
+            abs(float(x) - float(y)) <= 1e-5 * max(1.0, abs(float(x))) for x, y in zip(a.split(), b.split())
+        )
+    assert result.stdout.count("alignment loss") == 1  # rank 0 reports
