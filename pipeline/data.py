@@ -17,7 +17,7 @@ from typing import Any
 
 from PIL import Image
 
-from pipeline.errors import MimicError
+from pipeline.errors import MimicError, one_line
 
 # Official COCO 2014 file names, e.g. COCO_val2014_000000000042.jpg
 COCO_PATTERN = "COCO_{subtype}_{image_id:012d}.jpg"
@@ -50,7 +50,7 @@ def load_image(image: Path | str | Image.Image) -> Image.Image:
         except _IMAGE_ERRORS as exc:
             name = getattr(image, "filename", "") or "an in-memory image from a table"
             raise MimicError(
-                f"image could not be decoded: {name} ({_one_line(exc)}); replace it in the data"
+                f"image could not be decoded: {name} ({one_line(exc)}); replace it in the data"
             ) from exc
     path = Path(image)
     if not path.is_file():
@@ -60,7 +60,7 @@ def load_image(image: Path | str | Image.Image) -> Image.Image:
             return opened.convert("RGB")
     except _IMAGE_ERRORS as exc:
         raise MimicError(
-            f"image is unreadable or corrupt: {path} ({_one_line(exc)}); re-download or remove it"
+            f"image is unreadable or corrupt: {path} ({one_line(exc)}); re-download or remove it"
         ) from exc
 
 
@@ -293,11 +293,6 @@ def split_support_query(
     return support, query
 
 
-def _one_line(exc: BaseException) -> str:
-    """An exception's message squeezed onto one line (PIL and datasets messages can span several)."""
-    return " ".join(str(exc).split()) or type(exc).__name__
-
-
 def _read_json(path: Path, role: str) -> Any:
     if not path.is_file():
         raise MimicError(f"{role} not found: {path}")
@@ -305,9 +300,7 @@ def _read_json(path: Path, role: str) -> Any:
         with path.open("rb") as handle:
             return json.load(handle)
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise MimicError(
-            f"{role} {path} is not valid JSON ({_one_line(exc)}); re-download or fix it"
-        ) from exc
+        raise MimicError(f"{role} {path} is not valid JSON ({one_line(exc)}); re-download or fix it") from exc
 
 
 def _require_dir(path: Path, option: str, what: str) -> None:
@@ -339,7 +332,7 @@ def _image_name(pattern: str, subtype: str, image_id: Any) -> str:
         return pattern.format(subtype=subtype, image_id=image_id)
     except (KeyError, IndexError, ValueError) as exc:
         raise MimicError(
-            f"image_pattern '{pattern}' does not fit image_id {image_id!r} ({_one_line(exc)}); "
+            f"image_pattern '{pattern}' does not fit image_id {image_id!r} ({one_line(exc)}); "
             "use the fields {subtype} and {image_id}"
         ) from exc
 
@@ -408,7 +401,7 @@ def _table_image(cell: Any, root: Path, table: Path, row: int, column: str) -> P
             return Image.open(io.BytesIO(cell))
         except _IMAGE_ERRORS as exc:
             raise MimicError(
-                f"table {table}, row {row}: column '{column}' holds bytes that are no image ({_one_line(exc)})"
+                f"table {table}, row {row}: column '{column}' holds bytes that are no image ({one_line(exc)})"
             ) from exc
     raise MimicError(
         f"table {table}, row {row}: column '{column}' holds {type(cell).__name__}; expected a path, bytes or an Image dict"

@@ -19,7 +19,7 @@ from transformers import (
     PretrainedConfig,
 )
 
-from pipeline.errors import MimicError
+from pipeline.errors import MimicError, one_line
 from pipeline.families import Adapter, family_for
 
 EMBEDDED = "embedded"  # the name of the model that ships inside this package
@@ -68,7 +68,7 @@ def check_model(
     try:
         config = AutoConfig.from_pretrained(path, local_files_only=True)
     except (OSError, ValueError) as err:
-        raise MimicError(f"{path / 'config.json'} cannot be read: {_one_line(err)}") from err
+        raise MimicError(f"{path / 'config.json'} cannot be read: {_reason(err)}") from err
     family = family_for(config.model_type)
     text = getattr(config, family.text_config) if family.text_config else config
     count = text.num_hidden_layers
@@ -115,18 +115,18 @@ def load_processor(path: Path, model_type: str):
         # ImportError from the video processor class; OSError "Can't load video processor" where the image
         # processor is saved only inside processor_config.json
         if isinstance(err, OSError) and "video processor" not in str(err):
-            raise MimicError(f"no usable processor in {path}: {_one_line(err)}") from err
+            raise MimicError(f"no usable processor in {path}: {_reason(err)}") from err
         cls = _processor_class(model_type)
         if cls is None or "video_processor" not in inspect.signature(cls.__init__).parameters:
             raise MimicError(
-                f"the processor in {path} needs a package that is missing: {_one_line(err)}"
+                f"the processor in {path} needs a package that is missing: {_reason(err)}"
             ) from err
         try:
             return _without_video(cls, path)
         except Exception as inner:  # noqa: BLE001 - any failure of a user's files is reported in one line
-            raise MimicError(f"no usable processor in {path}: {_one_line(inner)}") from inner
+            raise MimicError(f"no usable processor in {path}: {_reason(inner)}") from inner
     except Exception as err:  # noqa: BLE001
-        raise MimicError(f"no usable processor in {path}: {_one_line(err)}") from err
+        raise MimicError(f"no usable processor in {path}: {_reason(err)}") from err
 
 
 def _processor_class(model_type: str):
@@ -156,11 +156,6 @@ def _without_video(cls, path: Path):
     images = AutoImageProcessor.from_pretrained(path, local_files_only=True)
     tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
     return image_only(image_processor=images, tokenizer=tokenizer, **kwargs)
-
-
-def _one_line(err: BaseException) -> str:
-    text = " ".join(str(err).split())
-    return f"{type(err).__name__}: {text[:300]}"
 
 
 def config_fingerprint(config: PretrainedConfig) -> str:
@@ -197,3 +192,7 @@ def weights_fingerprint(model: torch.nn.Module, values_per_tensor: int = 256) ->
         digest.update(f"{name}{tuple(param.shape)}".encode())
         digest.update(head.numpy().tobytes())
     return digest.hexdigest()[:16]
+
+
+def _reason(err: BaseException) -> str:
+    return f"{type(err).__name__}: {one_line(err)[:300]}"

@@ -19,9 +19,8 @@ import yaml
 from conftest import ROOT, SMALL
 
 from pipeline.config import apply_overrides
-from pipeline.sources import stage_sources
+from pipeline.sources import STAGES, stage_sources
 
-STAGES = {"extract": "stages.extract", "train": "stages.train", "evaluate": "stages.evaluate"}
 GIT = ["git", "-c", "user.email=ci@example.com", "-c", "user.name=ci"]
 
 
