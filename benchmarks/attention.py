@@ -54,13 +54,13 @@ def make_step(method: str, length: int, mode: str):
     """A closure running one forward (or forward+backward) of `method`; attach/patching done once."""
     import pipeline.attention as attention
     import pipeline.shift as shift_module
-    from pipeline.families import Adapter
+    from pipeline.families import ModelView
     from pipeline.shift import MimicShift, attach, spec_for
 
     model = build_model()
     ids = torch.randint(0, DECODER["vocab_size"], (1, length), generator=torch.Generator().manual_seed(0))
     embeds = model.get_input_embeddings()(ids)
-    shift = MimicShift(spec_for(Adapter(model)), torch.Generator().manual_seed(0))
+    shift = MimicShift(spec_for(ModelView(model)), torch.Generator().manual_seed(0))
     shift.requires_grad_(mode == "fwd+bwd")
     fused = method != "materialized"
 

@@ -19,9 +19,9 @@ from pathlib import Path
 
 import torch
 
-from pipeline.cache_codecs import TORCH_DTYPES
-from pipeline.cache_store import CacheReader, Layout, store_stats
-from pipeline.cache_writer import CacheWriter
+from pipeline.cache.codecs import TORCH_DTYPES
+from pipeline.cache.store import CacheReader, Layout, store_stats
+from pipeline.cache.writer import CacheWriter
 
 # (codec, int8_outliers, label): the last row shows why int8 keeps its outliers exactly.
 VARIANTS = [("lossless", 8, "lossless"), ("int8", 8, "int8"), ("int8", 0, "int8, no outliers")]

@@ -39,10 +39,10 @@ def teacher_forwards(overrides: list[str], hooks: bool) -> float:
     splits = make_splits(params.data)
     ex = params.extract
     samples = training_samples(splits.train, splits.support, ex.k, ex.m, ex.seed)
-    builder = PromptBuilder(loaded.processor, loaded.adapter.family, PromptTemplate(params.prompt), 4096)
+    builder = PromptBuilder(loaded.processor, loaded.view.family, PromptTemplate(params.prompt), 4096)
     for query in splits.train:  # as extract does before its loop: query rounds are counted up front
         builder.tokens(query)
-    layers = list(range(loaded.adapter.geometry.num_layers))
+    layers = list(range(loaded.view.geometry.num_layers))
     start = time.perf_counter()
     with torch.no_grad():
         for first in range(0, len(samples), ex.batch_size):
@@ -51,10 +51,10 @@ def teacher_forwards(overrides: list[str], hooks: bool) -> float:
             )
             if hooks:
                 forward_query_states(
-                    loaded.model, loaded.adapter, batch, lengths, ex.site, layers, ex.topk, all_logits=False
+                    loaded.model, loaded.view, batch, lengths, ex.site, layers, ex.topk, all_logits=False
                 )
             else:
-                loaded.model(**forward_inputs(loaded.adapter, batch, params.model.device))
+                loaded.model(**forward_inputs(loaded.view, batch, params.model.device))
     return time.perf_counter() - start
 
 

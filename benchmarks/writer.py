@@ -19,8 +19,8 @@ from pathlib import Path
 
 import torch
 
-from pipeline.cache_store import CacheReader, Layout
-from pipeline.cache_writer import CacheWriter
+from pipeline.cache.store import CacheReader, Layout
+from pipeline.cache.writer import CacheWriter
 
 
 def write(path: Path, layout: Layout, samples: list[torch.Tensor], batch: int, zarr_only: bool) -> float:

@@ -19,7 +19,7 @@ from pipeline.errors import MimicError
 
 # The choices of the text-valued fields (tests/test_config.py checks them against the modules that use them).
 SITES = ("attn", "mlp", "layer")  # pipeline.families.SITES
-CODECS = ("lossless", "int8")  # pipeline.cache_codecs.CODECS
+CODECS = ("lossless", "int8")  # pipeline.cache.codecs.CODECS
 VARIANTS = ("mimic", "shared_vector", "scalar_magnitude", "ffn")  # pipeline.shift.VARIANTS
 PRECISIONS = ("fp32", "bf16", "fp16")
 DTYPES = ("float32", "float16", "bfloat16", "float64")  # pipeline.models.DTYPES

@@ -86,7 +86,7 @@ class Geometry:
     hidden_size: int
 
 
-class Adapter:
+class ModelView:
     """A loaded model seen through its family row: decoder layers, attention geometry and recordable sites."""
 
     def __init__(self, model: nn.Module):

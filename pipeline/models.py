@@ -20,7 +20,7 @@ from transformers import (
 )
 
 from pipeline.errors import MimicError, one_line
-from pipeline.families import Adapter, family_for
+from pipeline.families import ModelView, family_for
 
 EMBEDDED = "embedded"  # the name of the model that ships inside this package
 DTYPES = {
@@ -33,11 +33,11 @@ DTYPES = {
 
 @dataclass
 class Loaded:
-    """A frozen model in eval mode, its processor (None if not asked for) and its family adapter."""
+    """A frozen model in eval mode, its processor (None if not asked for) and its family view."""
 
     model: torch.nn.Module
     processor: object | None
-    adapter: Adapter
+    view: ModelView
     source: str  # the name or path it was loaded from
 
 
@@ -102,7 +102,7 @@ def load_model(
     )
     model.to(device).eval().requires_grad_(False)
     processor = load_processor(path, config.model_type) if with_processor else None
-    return Loaded(model, processor, Adapter(model), str(name_or_path))
+    return Loaded(model, processor, ModelView(model), str(name_or_path))
 
 
 def load_processor(path: Path, model_type: str):

@@ -272,9 +272,9 @@ class PromptBuilder:
     @classmethod
     def for_model(cls, loaded, template: str) -> PromptBuilder:
         """The builder every stage uses: the loaded model's processor and family, its position limit."""
-        adapter = loaded.adapter
-        limit = getattr(adapter.text_config, "max_position_embeddings", None)
-        return cls(loaded.processor, adapter.family, PromptTemplate(template), limit)
+        view = loaded.view
+        limit = getattr(view.text_config, "max_position_embeddings", None)
+        return cls(loaded.processor, view.family, PromptTemplate(template), limit)
 
     def collate(self, segments: Sequence[Segment]) -> dict[str, torch.Tensor]:
         """A left-padded batch of `segments` with this tokenizer's pad id."""

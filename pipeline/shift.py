@@ -27,7 +27,7 @@ from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
 
 from pipeline.attention import additive_mask, attention_with_lse
 from pipeline.errors import MimicError
-from pipeline.families import Adapter
+from pipeline.families import ModelView
 
 ATTN_NAME = "mimic"
 VARIANTS = ("mimic", "shared_vector", "scalar_magnitude", "ffn")
@@ -62,9 +62,9 @@ class ShiftSpec:
         return asdict(self)
 
 
-def spec_for(adapter: Adapter, variant: str = "mimic", layers: tuple[int, ...] | None = None) -> ShiftSpec:
+def spec_for(view: ModelView, variant: str = "mimic", layers: tuple[int, ...] | None = None) -> ShiftSpec:
     """The spec of a shift for this model: all decoder layers unless `layers` names a subset."""
-    geo = adapter.geometry
+    geo = view.geometry
     chosen = tuple(range(geo.num_layers)) if layers is None else tuple(sorted(set(layers)))
     bad = [i for i in chosen if not 0 <= i < geo.num_layers]
     if bad:
@@ -191,9 +191,9 @@ AttentionInterface.register(ATTN_NAME, mimic_attention)
 ALL_MASK_ATTENTION_FUNCTIONS.register(ATTN_NAME, sdpa_mask)  # unregistered names get NO padding mask
 
 
-def _set_text_attention(adapter: Adapter, name: str) -> None:
-    key = adapter.family.text_config
-    adapter.model.set_attn_implementation({key: name} if key else name)
+def _set_text_attention(view: ModelView, name: str) -> None:
+    key = view.family.text_config
+    view.model.set_attn_implementation({key: name} if key else name)
 
 
 @contextlib.contextmanager
@@ -202,8 +202,8 @@ def attach(model: nn.Module, shift: MimicShift) -> Iterator[MimicShift]:
 
     Toggle `shift.enabled` inside the block to compare with and without shifts, no reload needed.
     """
-    adapter = Adapter(model)
-    geo = adapter.geometry
+    view = ModelView(model)
+    geo = view.geometry
     spec = shift.spec
     if (spec.num_heads, spec.head_dim, spec.hidden_size) != (
         geo.num_heads,
@@ -216,25 +216,25 @@ def attach(model: nn.Module, shift: MimicShift) -> Iterator[MimicShift]:
             f"{geo.hidden_size}, {geo.num_layers} layers)"
         )
     handles = []
-    previous = adapter.text_config._attn_implementation
+    previous = view.text_config._attn_implementation
     try:
         if spec.variant == "ffn":
             for layer in spec.layers:
-                mlp = adapter.site_module(layer, "mlp")
+                mlp = view.site_module(layer, "mlp")
                 handles.append(mlp.register_forward_hook(_ffn_hook(shift, layer)))
         else:
-            for layer, attn in enumerate(adapter.attention_modules()):
+            for layer, attn in enumerate(view.attention_modules()):
                 if shift.row(layer) is not None:
                     _ROUTES[attn] = (shift, layer)
-            _set_text_attention(adapter, ATTN_NAME)
+            _set_text_attention(view, ATTN_NAME)
         yield shift
     finally:
         for handle in handles:
             handle.remove()
-        for attn in adapter.attention_modules():
+        for attn in view.attention_modules():
             _ROUTES.pop(attn, None)
         if spec.variant != "ffn":
-            _set_text_attention(adapter, previous or "sdpa")
+            _set_text_attention(view, previous or "sdpa")
 
 
 def _ffn_hook(shift: MimicShift, layer: int):

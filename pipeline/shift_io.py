@@ -1,4 +1,4 @@
-"""Shift weights on disk, like a peft adapter: `shift.safetensors` (only shift tensors) + `shift_config.json`."""
+"""Shift weights on disk, like a peft view: `shift.safetensors` (only shift tensors) + `shift_config.json`."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from safetensors.torch import load_file, save_file
 
 from pipeline import __version__
 from pipeline.errors import MimicError
-from pipeline.families import Adapter
+from pipeline.families import ModelView
 from pipeline.models import config_fingerprint, weights_fingerprint
 from pipeline.shift import MimicShift, ShiftSpec
 
@@ -32,7 +32,7 @@ def _atomic_write(path: Path, write) -> None:
 def save_shift(
     shift: MimicShift,
     directory: str | Path,
-    adapter: Adapter,
+    view: ModelView,
     provenance: dict | None = None,
     prompt: str | None = None,
 ) -> Path:
@@ -43,14 +43,14 @@ def save_shift(
     config = {
         "format": FORMAT,
         "package_version": __version__,
-        "family": adapter.family.name,
-        "model_type": adapter.model.config.model_type,
-        "architecture": type(adapter.model).__name__,
-        "base_model": str(adapter.model.config.name_or_path),
-        "config_fingerprint": config_fingerprint(adapter.model.config),
-        "base_weights": weights_fingerprint(adapter.model),
+        "family": view.family.name,
+        "model_type": view.model.config.model_type,
+        "architecture": type(view.model).__name__,
+        "base_model": str(view.model.config.name_or_path),
+        "config_fingerprint": config_fingerprint(view.model.config),
+        "base_weights": weights_fingerprint(view.model),
         "prompt": prompt,
-        "num_layers": adapter.geometry.num_layers,
+        "num_layers": view.geometry.num_layers,
         "spec": shift.spec.to_dict(),
         "provenance": provenance or {},
     }
@@ -73,14 +73,14 @@ def read_shift_config(directory: str | Path) -> dict:
 
 
 def load_shift(
-    directory: str | Path, adapter: Adapter | None = None, device: str | torch.device = "cpu"
+    directory: str | Path, view: ModelView | None = None, device: str | torch.device = "cpu"
 ) -> MimicShift:
-    """Rebuild a saved shift; with `adapter`, refuse one trained for a model of another family or shape."""
+    """Rebuild a saved shift; with `view`, refuse one trained for a model of another family or shape."""
     config = read_shift_config(directory)
     spec = ShiftSpec(**{**config["spec"], "layers": tuple(config["spec"]["layers"])})
-    if adapter is not None:
-        geo = adapter.geometry
-        if adapter.family.name != config["family"] or (
+    if view is not None:
+        geo = view.geometry
+        if view.family.name != config["family"] or (
             spec.num_heads,
             spec.head_dim,
             spec.hidden_size,
@@ -89,7 +89,7 @@ def load_shift(
             raise MimicError(
                 f"shift in {directory} was trained for {config['family']} model {config['base_model']!r} "
                 f"({config['num_layers']} layers, {spec.num_heads} heads x {spec.head_dim}); this model is "
-                f"{adapter.family.name} with {geo.num_layers} layers, {geo.num_heads} heads x {geo.head_dim}"
+                f"{view.family.name} with {geo.num_layers} layers, {geo.num_heads} heads x {geo.head_dim}"
             )
     path = Path(directory) / WEIGHTS
     try:

@@ -8,7 +8,7 @@ from collections.abc import Iterator, Sequence
 import torch
 
 from pipeline.errors import MimicError
-from pipeline.families import SITES, Adapter
+from pipeline.families import SITES, ModelView
 
 
 def _hidden(output) -> torch.Tensor:
@@ -18,13 +18,13 @@ def _hidden(output) -> torch.Tensor:
 
 @contextlib.contextmanager
 def record_sites(
-    adapter: Adapter, site: str, layers: Sequence[int] | None = None
+    view: ModelView, site: str, layers: Sequence[int] | None = None
 ) -> Iterator[dict[int, torch.Tensor]]:
     """Inside the block, every forward fills `{layer: [B, T, hidden]}` with the site's output (graph kept, so a
     loss on it trains the shifts). The hooks are always removed on exit."""
     if site not in SITES:
         raise MimicError(f"unknown site {site!r}: choose one of {', '.join(SITES)}")
-    chosen = range(adapter.geometry.num_layers) if layers is None else layers
+    chosen = range(view.geometry.num_layers) if layers is None else layers
     recorded: dict[int, torch.Tensor] = {}
     handles = []
 
@@ -36,7 +36,7 @@ def record_sites(
 
     try:
         for layer in chosen:
-            handles.append(adapter.site_module(layer, site).register_forward_hook(hook_for(layer)))
+            handles.append(view.site_module(layer, site).register_forward_hook(hook_for(layer)))
         yield recorded
     finally:
         for handle in handles:

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import torch
 
-from pipeline.families import Adapter
+from pipeline.families import ModelView
 from pipeline.sites import record_sites
 
 MODEL_KEYS_SKIP = ("answer_mask",)
@@ -24,10 +24,10 @@ def padded_positions(attention_mask: torch.Tensor) -> torch.Tensor:
     return (attention_mask.long().cumsum(-1) - 1).clamp_min(0)
 
 
-def forward_inputs(adapter: Adapter, batch: dict[str, torch.Tensor], device) -> dict[str, torch.Tensor]:
+def forward_inputs(view: ModelView, batch: dict[str, torch.Tensor], device) -> dict[str, torch.Tensor]:
     """`model_inputs` plus position_ids where the family's model does not derive them from the mask."""
     inputs = model_inputs(batch, device)
-    if adapter.family.position_ids:
+    if view.family.position_ids:
         inputs["position_ids"] = padded_positions(inputs["attention_mask"])
     return inputs
 
@@ -48,7 +48,7 @@ def last_tokens(tensor: torch.Tensor, lengths: Sequence[int]) -> list[torch.Tens
 
 def forward_query_states(
     model: torch.nn.Module,
-    adapter: Adapter,
+    view: ModelView,
     batch: dict[str, torch.Tensor],
     lengths: Sequence[int],
     site: str,
@@ -68,10 +68,10 @@ def forward_query_states(
     device = next(model.parameters()).device
     longest = max(lengths)
     keep = 0 if all_logits else (longest if topk else 1)
-    with record_sites(adapter, site, layers) as recorded:
+    with record_sites(view, site, layers) as recorded:
         # use_cache=False: no generation follows, so no per-layer K/V cache is built and kept alive
         logits = model(
-            **forward_inputs(adapter, batch, device), logits_to_keep=keep, use_cache=False
+            **forward_inputs(view, batch, device), logits_to_keep=keep, use_cache=False
         ).logits  # (B, T|keep, V)
     # copy only the query+answer span, not the demonstrations
     stacked = torch.stack([recorded[layer][:, -longest:] for layer in layers], 1)  # (B, L, n_max, hidden)

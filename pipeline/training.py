@@ -13,7 +13,7 @@ import torch.nn.functional as F
 
 from pipeline.config import ExtractConfig
 from pipeline.errors import MimicError
-from pipeline.families import Adapter
+from pipeline.families import ModelView
 from pipeline.prompts import PromptBuilder
 from pipeline.samples import TrainingSamples, kept_positions, teacher_batch
 from pipeline.shift import MimicShift
@@ -68,7 +68,7 @@ class OnlineTargets:
     def __init__(
         self,
         model,
-        adapter: Adapter,
+        view: ModelView,
         builder: PromptBuilder,
         samples: TrainingSamples,
         shift: MimicShift,
@@ -76,20 +76,20 @@ class OnlineTargets:
         extract: ExtractConfig,
         layers: Sequence[int],
     ):
-        self.args = model, adapter, builder, samples, shift, extract, layers
+        self.args = model, view, builder, samples, shift, extract, layers
         self.batches = list(batches)
 
     def __iter__(self):
-        model, adapter, builder, samples, shift, ex, layers = self.args
+        model, view, builder, samples, shift, ex, layers = self.args
         for indices in self.batches:
             if not indices:  # this process's part of a batch is empty
                 yield []
                 continue
             batch, lengths = teacher_batch(builder, samples, indices)
-            keep = kept_positions(builder, samples, indices, ex.positions, adapter.image_token_id)
+            keep = kept_positions(builder, samples, indices, ex.positions, view.image_token_id)
             with torch.no_grad(), _disabled(shift):
                 got, _ = forward_query_states(
-                    model, adapter, batch, lengths, ex.site, layers, all_logits=False, kept=keep
+                    model, view, batch, lengths, ex.site, layers, all_logits=False, kept=keep
                 )
             yield got.states
 

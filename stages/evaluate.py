@@ -63,10 +63,10 @@ def evaluate(
     splits = make_splits(params.data)  # data errors before the model is read
     loaded = load_model(params.model.name, params.model.dtype, device)
     if "mimic" in ev.methods:
-        shift = load_shift(shift_dir, loaded.adapter, device=device)
+        shift = load_shift(shift_dir, loaded.view, device=device)
         check_shift_base(shift_dir, weights_fingerprint(loaded.model), None, allow_other_base)
     else:  # attached but never enabled: every method runs through the same attention function
-        shift = MimicShift(spec_for(loaded.adapter)).to(device)
+        shift = MimicShift(spec_for(loaded.view)).to(device)
     builder = PromptBuilder.for_model(loaded, params.prompt)
     queries = splits.eval
     icd = sample_icd_sets([q.id for q in queries], splits.support, ev.k, 1, ev.seed)  # the same on every rank

@@ -16,8 +16,8 @@ import torch
 import zarr
 from tqdm import tqdm
 
-from pipeline.cache_store import Layout, store_stats
-from pipeline.cache_writer import AsyncWriter, CacheWriter
+from pipeline.cache.store import Layout, store_stats
+from pipeline.cache.writer import AsyncWriter, CacheWriter
 from pipeline.config import load_params
 from pipeline.fingerprint import teacher_fingerprint
 from pipeline.models import check_model, load_model
@@ -40,10 +40,10 @@ def extract(params_path: Path, out: Path, overrides: list[str], replace: bool = 
     splits = make_splits(params.data)  # data errors before the model is read
     loaded = load_model(params.model.name, params.model.dtype, params.model.device)
     samples = training_samples(splits.train, splits.support, ex.k, ex.m, ex.seed)
-    geo = loaded.adapter.geometry
+    geo = loaded.view.geometry
     layers = list(range(geo.num_layers)) if ex.layers is None else sorted(ex.layers)
     builder = PromptBuilder.for_model(loaded, params.prompt)
-    image_token = loaded.adapter.image_token_id
+    image_token = loaded.view.image_token_id
     every = range(len(splits.train))  # sample i of ICD set 0 is query i
     kept = kept_positions(builder, samples, every, ex.positions, image_token)
     rounds = [builder.tokens(q) for q in splits.train]  # token counts; images are not kept
@@ -83,7 +83,7 @@ def extract(params_path: Path, out: Path, overrides: list[str], replace: bool = 
             batch, lengths = teacher_batch(builder, samples, chunk)
             keep = kept_positions(builder, samples, chunk, ex.positions, image_token)
             got, _ = forward_query_states(
-                loaded.model, loaded.adapter, batch, lengths, ex.site, layers, ex.topk, False, keep
+                loaded.model, loaded.view, batch, lengths, ex.site, layers, ex.topk, False, keep
             )
             writes.submit_many(
                 [

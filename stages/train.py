@@ -17,7 +17,7 @@ import torch
 from tqdm import tqdm
 from transformers import get_cosine_schedule_with_warmup
 
-from pipeline.cache_store import CacheReader
+from pipeline.cache.store import CacheReader
 from pipeline.config import load_params
 from pipeline.distributed import rank_device, reduce_gradients, reduce_sum, share, world
 from pipeline.errors import MimicError
@@ -69,15 +69,15 @@ def train(
         CacheReader.open(cache, verify=False)  # exists and complete: fail before loading a large model
     splits = make_splits(params.data)  # data errors before the model is read
     loaded = loaded or load_model(params.model.name, params.model.dtype, device)
-    model, adapter = loaded.model, loaded.adapter
-    layers = list(range(adapter.geometry.num_layers)) if ex.layers is None else sorted(ex.layers)
+    model, view = loaded.model, loaded.view
+    layers = list(range(view.geometry.num_layers)) if ex.layers is None else sorted(ex.layers)
     teacher = teacher_fingerprint(params, loaded, splits, layers)  # model, data content, prompt, extract
     reader = None
     if cache is not None:  # checked before any step: model, tokenizer, data, prompts, k, M, site, layers
         reader = CacheReader.open(cache, expect=teacher)
     samples = training_samples(splits.train, splits.support, ex.k, ex.m, ex.seed)
     builder = PromptBuilder.for_model(loaded, params.prompt)
-    shift = MimicShift(spec_for(adapter, tr.variant), torch.Generator().manual_seed(tr.seed)).to(device)
+    shift = MimicShift(spec_for(view, tr.variant), torch.Generator().manual_seed(tr.seed)).to(device)
     optimizer = torch.optim.AdamW(shift.parameters(), lr=tr.lr, weight_decay=tr.weight_decay)
     batches_per_epoch = math.ceil(len(splits.train) / tr.batch_size)
     total = math.ceil(batches_per_epoch / tr.grad_accum) * tr.epochs
@@ -123,19 +123,17 @@ def train(
             targets = (
                 CacheTargets(reader, parts)
                 if reader is not None
-                else OnlineTargets(model, adapter, builder, samples, shift, parts, ex, layers)
+                else OnlineTargets(model, view, builder, samples, shift, parts, ex, layers)
             )
             for i, (indices, part, target) in enumerate(zip(batches, parts, targets)):
-                answers, aligned = batch_counts(
-                    builder, samples, indices, ex.positions, adapter.image_token_id
-                )
+                answers, aligned = batch_counts(builder, samples, indices, ex.positions, view.image_token_id)
                 values = torch.zeros(3)  # this rank's share of (loss, ce, align): the shares add up
                 if part:
                     batch, lengths = student_batch(builder, samples, part)
-                    keep = kept_positions(builder, samples, part, ex.positions, adapter.image_token_id)
+                    keep = kept_positions(builder, samples, part, ex.positions, view.image_token_id)
                     with autocast():
                         got, logits = forward_query_states(
-                            model, adapter, batch, lengths, ex.site, layers, kept=keep
+                            model, view, batch, lengths, ex.site, layers, kept=keep
                         )
                         ce = answer_ce(logits, batch, answers)
                         align = alignment_loss(got.states, [t.to(logits.device) for t in target], aligned)
@@ -190,7 +188,7 @@ def train(
     summary = training_summary(rows, epoch_seconds)
     if not here.main:
         return summary
-    save_shift(shift, run_dir / "shift", adapter, provenance=provenance, prompt=params.prompt)
+    save_shift(shift, run_dir / "shift", view, provenance=provenance, prompt=params.prompt)
     if summary["last_align"] > summary["first_align"]:
         log.warning(
             "the alignment loss rose over training (%.4g in the first epoch, %.4g in the last): lower train.lr",

@@ -8,8 +8,8 @@ import numpy as np
 import torch
 import zarr
 
-from pipeline.cache_store import CacheReader, Layout
-from pipeline.cache_writer import CacheWriter
+from pipeline.cache.store import CacheReader, Layout
+from pipeline.cache.writer import CacheWriter
 
 FINGERPRINT = {"model_config_hash": "abc123", "tokenizer_hash": "t1", "dataset": "vqav2", "k": 4, "seed": 0}
 

@@ -9,8 +9,8 @@ import pytest
 import zarr
 from zarr.codecs import BloscCodec, ZstdCodec
 
-from pipeline.cache_shards import ShardWriter
-from pipeline.cache_store import _compressors
+from pipeline.cache.shards import ShardWriter
+from pipeline.cache.store import _compressors
 
 
 def make_pair(root, shape, chunks, shards, dtype, compressors=None, empty_chunks=True, **kwargs):

@@ -13,8 +13,8 @@ from cache_samples import (
     write_store,
 )
 
-from pipeline.cache_store import CacheReader, store_stats
-from pipeline.cache_writer import CacheWriter
+from pipeline.cache.store import CacheReader, store_stats
+from pipeline.cache.writer import CacheWriter
 from pipeline.errors import MimicError
 
 

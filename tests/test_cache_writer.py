@@ -24,10 +24,10 @@ from cache_samples import (
     write_store,
 )
 
-import pipeline.cache_store as cache_store
-import pipeline.cache_writer as cache_writer
-from pipeline.cache_store import CacheReader
-from pipeline.cache_writer import AsyncWriter, CacheWriter
+import pipeline.cache.store as cache_store
+import pipeline.cache.writer as cache_writer
+from pipeline.cache.store import CacheReader
+from pipeline.cache.writer import AsyncWriter, CacheWriter
 from pipeline.errors import MimicError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -253,8 +253,8 @@ JOB = textwrap.dedent(
     import os, shutil, signal, sys, time
     from pathlib import Path
     import torch
-    from pipeline.cache_store import Layout
-    from pipeline.cache_writer import CacheWriter
+    from pipeline.cache.store import Layout
+    from pipeline.cache.writer import CacheWriter
 
     N = 14
     LAYOUT = Layout(num_layers=4, hidden_size=128, dtype="bfloat16", topk=4, chunk_tokens=16, shard_chunks=4)
@@ -335,7 +335,7 @@ JOB = textwrap.dedent(
     if __name__ == "__main__":
         # Driver: kill one job after another on the same store, keeping a copy of the store after each kill.
         import zarr.storage._local as local
-        import pipeline.cache_shards as shards
+        import pipeline.cache.shards as shards
         local._put = put_in_two_halves
         write_atomic, shards._write_atomic = shards._write_atomic, shard_in_two_halves
         path, copies, STAGED = Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3] == "staged"

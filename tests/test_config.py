@@ -59,7 +59,8 @@ def test_the_readme_real_checkpoint_example_parses(tmp_path):
 
 
 def test_config_choices_match_the_modules_that_use_them():
-    from pipeline import cache_codecs, config, families, models, shift
+    from pipeline import config, families, models, shift
+    from pipeline.cache import codecs as cache_codecs
 
     assert config.SITES == families.SITES and config.CODECS == cache_codecs.CODECS
     assert config.VARIANTS == shift.VARIANTS and set(config.DTYPES) == set(models.DTYPES)

@@ -20,7 +20,7 @@ from real_checkpoints import (
 
 from pipeline.data import Item
 from pipeline.evaluation import generate_answers, newline_tokens
-from pipeline.families import Adapter
+from pipeline.families import ModelView
 from pipeline.prompts import PromptBuilder, PromptTemplate
 from pipeline.shift import MimicShift, attach, spec_for
 from pipeline.teacher import forward_inputs, model_inputs
@@ -39,8 +39,8 @@ def setup(name: str):
     model = build_model(name, processor)
     model.set_attn_implementation("sdpa")
     model.requires_grad_(False)
-    adapter = Adapter(model)
-    builder = PromptBuilder(processor, adapter.family, TEMPLATE, max_length=4096)
+    view = ModelView(model)
+    builder = PromptBuilder(processor, view.family, TEMPLATE, max_length=4096)
     items = [
         Item(
             f"q{n}",
@@ -50,7 +50,7 @@ def setup(name: str):
         )
         for n in range(6)
     ]
-    return processor, model, adapter, builder, items
+    return processor, model, view, builder, items
 
 
 def one_call(
@@ -58,8 +58,8 @@ def one_call(
 ) -> dict[str, torch.Tensor]:
     """The processor's own encoding of whole prompts (demonstrations, query, with its answer or not), left
     padded: the independent reference for segment assembly."""
-    processor, _, adapter, _, _ = setup(name)
-    family = adapter.family
+    processor, _, view, _, _ = setup(name)
+    family = view.family
 
     def rounds(demos, query, answered) -> list[tuple[str, Item]]:
         texts = [(template.text(family, d.question, d.answers[0]), d) for d in demos]
@@ -116,10 +116,10 @@ WITH_EOS = PromptTemplate("{image}Question: {question} Short answer: {answer}</s
 def test_other_templates_equal_one_processor_call(name, template):
     """Text before the image (SentencePiece would prepend "▁" to a round tokenized alone) and, for Idefics, an
     EOS inside the prompt (tokens after it see no image until the next one)."""
-    processor, _, adapter, _, items = setup(name)
+    processor, _, view, _, items = setup(name)
     if "<end_of_utterance>" not in processor.tokenizer.get_vocab():
         processor.tokenizer.add_special_tokens({"additional_special_tokens": ["<end_of_utterance>"]})
-    builder = PromptBuilder(processor, adapter.family, template, max_length=4096)
+    builder = PromptBuilder(processor, view.family, template, max_length=4096)
     check_one_call(name, builder, items, template)
 
 
@@ -141,9 +141,9 @@ def check_one_call(name, builder, items, template):
     )
 
 
-def unit_shift(adapter) -> MimicShift:
+def unit_shift(view) -> MimicShift:
     """A shift with unit-scale w, so that log Z1 = w . q depends on q's rotary positions; v large enough to show."""
-    shift = MimicShift(spec_for(adapter), torch.Generator().manual_seed(0))
+    shift = MimicShift(spec_for(view), torch.Generator().manual_seed(0))
     with torch.no_grad():
         g = torch.Generator().manual_seed(1)
         shift.w.copy_(torch.randn(shift.w.shape, generator=g))
@@ -151,11 +151,11 @@ def unit_shift(adapter) -> MimicShift:
     return shift
 
 
-def rows_alone_vs_batch(model, adapter, builder, segments, positions: bool = True) -> float:
+def rows_alone_vs_batch(model, view, builder, segments, positions: bool = True) -> float:
     """Largest logit difference between a left-padded batch and each row run alone, at the real tokens."""
 
     def run(batch):
-        inputs = forward_inputs(adapter, batch, "cpu") if positions else model_inputs(batch, "cpu")
+        inputs = forward_inputs(view, batch, "cpu") if positions else model_inputs(batch, "cpu")
         return model(**inputs, use_cache=False).logits
 
     with torch.no_grad():
@@ -169,14 +169,14 @@ def rows_alone_vs_batch(model, adapter, builder, segments, positions: bool = Tru
 
 @pytest.mark.parametrize("name", FAMILY_NAMES)
 def test_left_padded_batch_equals_rows_alone_with_the_shift_on(name):
-    _, model, adapter, builder, items = setup(name)
+    _, model, view, builder, items = setup(name)
     teacher = [builder.teacher(items[:k], items[3 + k]) for k in (0, 1, 2)]
     student = [builder.student(items[n]) for n in (0, 1, 4)]
-    with attach(model, unit_shift(adapter)):
-        assert rows_alone_vs_batch(model, adapter, builder, teacher) <= 1e-5
-        assert rows_alone_vs_batch(model, adapter, builder, student) <= 1e-5
-        if adapter.family.position_ids:  # what the positions fix: without them the rows shift
-            assert rows_alone_vs_batch(model, adapter, builder, teacher, positions=False) > 1e-3
+    with attach(model, unit_shift(view)):
+        assert rows_alone_vs_batch(model, view, builder, teacher) <= 1e-5
+        assert rows_alone_vs_batch(model, view, builder, student) <= 1e-5
+        if view.family.position_ids:  # what the positions fix: without them the rows shift
+            assert rows_alone_vs_batch(model, view, builder, teacher, positions=False) > 1e-3
         prompts = [builder.generation(items[:k], items[3 + k]) for k in (0, 1, 2)]
         batched = greedy_logits(model, builder, prompts)
         for row, prompt in enumerate(prompts):
@@ -205,7 +205,7 @@ def greedy_logits(model, builder, prompts, steps: int = 3) -> list[torch.Tensor]
 
 @pytest.mark.parametrize("name", ["llava", "idefics2"])  # byte-level BPE and Metaspace vocabularies
 def test_generation_stops_at_the_newline(name):
-    _, model, adapter, builder, items = setup(name)
+    _, model, view, builder, items = setup(name)
     tokenizer = builder.processor.tokenizer
     newline = tokenizer.convert_tokens_to_ids(SPECS[name].newline)
     assert newline in newline_tokens(tokenizer) and "\n" not in tokenizer.get_vocab()

@@ -17,7 +17,7 @@ from test_prompts_qwen2vl import image, tiny_qwen2vl_processor
 
 from pipeline.data import Item
 from pipeline.evaluation import generate_answers
-from pipeline.families import Adapter
+from pipeline.families import ModelView
 from pipeline.prompts import PromptBuilder, PromptTemplate, Segment, collate
 from pipeline.shift import MimicShift, attach, spec_for
 
@@ -41,7 +41,7 @@ def model():
 
 @pytest.fixture(scope="module")
 def builder(model) -> PromptBuilder:
-    family = Adapter(model).family
+    family = ModelView(model).family
     return PromptBuilder(tiny_qwen2vl_processor(), family, PromptTemplate(), max_length=256)
 
 
@@ -177,7 +177,7 @@ def test_mimic_generation_with_attached_shift(model, builder, items):
     prompts = zero_shot(builder, items)
     plain, plain_rows, plain_logits, _ = generate(model, builder, prompts)
     g = torch.Generator().manual_seed(0)
-    shift = MimicShift(spec_for(Adapter(model)), g)
+    shift = MimicShift(spec_for(ModelView(model)), g)
     with torch.no_grad():
         shift.v.copy_(5.0 * torch.randn(shift.v.shape, generator=g))  # large: must change what is generated
     with attach(model, shift):

@@ -11,7 +11,7 @@ from transformers import Idefics2ImageProcessorPil, Idefics2Processor
 
 from pipeline.embedded.model import build_processor
 from pipeline.errors import MimicError
-from pipeline.families import Adapter, family_for
+from pipeline.families import ModelView, family_for
 from pipeline.prompts import PromptBuilder, PromptTemplate, assemble, bos_segment, collate, encode_round
 
 SPECIAL = [
@@ -83,7 +83,7 @@ def test_query_answer_tokens_line_up_in_teacher_and_student(name):
 def test_left_padded_batch_equals_single_forwards():
     model = build_tiny("idefics2")
     processor = tiny_idefics2_processor()
-    family = Adapter(model).family
+    family = ModelView(model).family
     sequences = [teacher_and_student(processor, family, k)[0] for k in (0, 2, 3)]
     batch = collate(sequences, family, pad_id=0)
     assert batch["pixel_values"].shape[:2] == (3, 4)  # padded to the most images

@@ -9,7 +9,7 @@ from conftest import IMAGE_TOKEN, build_tiny, word_level_tokenizer
 from PIL import Image
 from transformers import Qwen2VLImageProcessorPil, Qwen2VLProcessor
 
-from pipeline.families import Adapter, family_for
+from pipeline.families import ModelView, family_for
 from pipeline.prompts import PromptTemplate, assemble, bos_segment, collate, encode_round
 
 SPECIAL = [
@@ -119,7 +119,7 @@ def test_query_answer_tokens_line_up_in_teacher_and_student(processor):
 
 
 def test_assembled_sequence_equals_whole_prompt_encoding(processor, model):
-    family = Adapter(model).family
+    family = ModelView(model).family
     for k in (0, 3):
         teacher = teacher_and_student(processor, family, k, MIXED)[0]
         reference = whole_prompt(processor, k)
@@ -130,7 +130,7 @@ def test_assembled_sequence_equals_whole_prompt_encoding(processor, model):
 
 
 def test_left_padded_batch_equals_single_forwards(processor, model):
-    family = Adapter(model).family
+    family = ModelView(model).family
     sequences = [teacher_and_student(processor, family, k, MIXED)[0] for k in (0, 2, 3)]
     batch = collate(sequences, family, pad_id=0)
     assert batch["image_grid_thw"].shape == (1 + 3 + 4, 3)  # every image of the batch, in row order

@@ -10,7 +10,7 @@ from transformers.integrations.sdpa_attention import repeat_kv
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
 
 from pipeline.errors import MimicError
-from pipeline.families import Adapter
+from pipeline.families import ModelView
 from pipeline.shift import MimicShift, attach, spec_for
 
 # --- an independent reference: materialized scores, explicit masks, plain autograd -----------------------------
@@ -50,11 +50,11 @@ ALL_MASK_ATTENTION_FUNCTIONS.register("test_reference", sdpa_mask)
 
 
 def run_reference(model, shift, detach_from=None, **inputs):
-    adapter = Adapter(model)
-    key = adapter.family.text_config
+    view = ModelView(model)
+    key = view.family.text_config
     REF.update(
         shift=shift,
-        layers={a: i for i, a in enumerate(adapter.attention_modules())},
+        layers={a: i for i, a in enumerate(view.attention_modules())},
         detach_from=detach_from,
         mu={},
     )
@@ -67,7 +67,7 @@ def run_reference(model, shift, detach_from=None, **inputs):
 
 def random_shift(model, seed=0, scale=0.5, dtype=torch.float32):
     g = torch.Generator().manual_seed(seed)
-    shift = MimicShift(spec_for(Adapter(model)), g).to(dtype)
+    shift = MimicShift(spec_for(ModelView(model)), g).to(dtype)
     with torch.no_grad():
         for p in shift.parameters():
             p.copy_(scale * torch.randn(p.shape, generator=g, dtype=dtype))
@@ -120,7 +120,8 @@ def test_forward_and_mu_equal_materialized_reference(family_name):
     valid = mask.bool()
     assert (logits - ref.logits)[valid].abs().max() <= 1e-4
     assert (
-        Adapter(model).geometry.num_kv_heads < Adapter(model).geometry.num_heads or family_name == "idefics"
+        ModelView(model).geometry.num_kv_heads < ModelView(model).geometry.num_heads
+        or family_name == "idefics"
     )
     for layer, mu_ref in REF["mu"].items():
         diff = (ours[layer] - mu_ref).abs().amax(1)  # (B, T)
@@ -130,7 +131,7 @@ def test_forward_and_mu_equal_materialized_reference(family_name):
 def test_base_weights_frozen_and_bit_identical_after_step():
     model = build_tiny("idefics2")
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    shift = MimicShift(spec_for(Adapter(model)), torch.Generator().manual_seed(0))
+    shift = MimicShift(spec_for(ModelView(model)), torch.Generator().manual_seed(0))
     trainable = [
         n for n, p in list(model.named_parameters()) + list(shift.named_parameters()) if p.requires_grad
     ]
@@ -220,7 +221,7 @@ def _grads(model, shift, use_reference, detach_from=None):
 
 def test_gradients_are_exact_through_every_layer_log_z2():
     model = build_tiny("idefics2", dtype=torch.float64)
-    assert Adapter(model).geometry.num_layers >= 3
+    assert ModelView(model).geometry.num_layers >= 3
     shift = random_shift(model, seed=9, dtype=torch.float64)
     ours = _grads(model, shift, use_reference=False)
     ref = _grads(model, shift, use_reference=True)
@@ -265,7 +266,7 @@ def test_fused_and_materialized_attention_agree_in_value_and_gradient():
 def test_variants_train_and_vanish_when_off(variant):
     model = build_tiny("llava")
     ids, mask = left_padded_batch()
-    shift = MimicShift(spec_for(Adapter(model), variant=variant), torch.Generator().manual_seed(0))
+    shift = MimicShift(spec_for(ModelView(model), variant=variant), torch.Generator().manual_seed(0))
     with torch.no_grad():
         base = model(input_ids=ids, attention_mask=mask).logits
     with attach(model, shift):
@@ -280,19 +281,19 @@ def test_variants_train_and_vanish_when_off(variant):
 
 def test_ffn_variant_preserves_token_norm():
     model = build_tiny("llava")
-    shift = MimicShift(spec_for(Adapter(model), variant="ffn"))
+    shift = MimicShift(spec_for(ModelView(model), variant="ffn"))
     hidden = torch.randn(2, 5, 32)
     assert torch.allclose(shift.shift_hidden(0, hidden).norm(dim=-1), hidden.norm(dim=-1), atol=1e-5)
 
 
 def test_shift_for_another_shape_is_refused():
     small = build_tiny("llava")
-    shift = MimicShift(spec_for(Adapter(small), layers=(0, 2)))
+    shift = MimicShift(spec_for(ModelView(small), layers=(0, 2)))
     other = build_tiny("idefics2")
-    other_spec = spec_for(Adapter(other))
+    other_spec = spec_for(ModelView(other))
     assert shift.spec.layers == (0, 2) and other_spec.num_heads == shift.spec.num_heads
     wrong = MimicShift(type(other_spec)("mimic", (5,), 4, 8, 32))
     with pytest.raises(MimicError, match="does not fit"), attach(other, wrong):
         pass
     with pytest.raises(MimicError, match="out of range"):
-        spec_for(Adapter(other), layers=(7,))
+        spec_for(ModelView(other), layers=(7,))

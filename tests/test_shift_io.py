@@ -9,7 +9,7 @@ import torch
 from conftest import build_tiny, left_padded_batch
 
 from pipeline.errors import MimicError
-from pipeline.families import Adapter, family_for
+from pipeline.families import ModelView, family_for
 from pipeline.models import config_fingerprint, load_model
 from pipeline.shift import MimicShift, attach, spec_for
 from pipeline.shift_io import CONFIG, WEIGHTS, load_shift, save_shift
@@ -18,11 +18,11 @@ from pipeline.shift_io import CONFIG, WEIGHTS, load_shift, save_shift
 @pytest.mark.parametrize("variant", ["mimic", "scalar_magnitude", "ffn"])
 def test_saved_shift_reloads_to_the_same_outputs(tmp_path, variant):
     model = build_tiny("llava")
-    adapter = Adapter(model)
-    shift = MimicShift(spec_for(adapter, variant=variant, layers=(0, 2)), torch.Generator().manual_seed(1))
+    view = ModelView(model)
+    shift = MimicShift(spec_for(view, variant=variant, layers=(0, 2)), torch.Generator().manual_seed(1))
     with torch.no_grad():
         shift.v.mul_(300)
-    save_shift(shift, tmp_path, adapter, provenance={"run": "test"})
+    save_shift(shift, tmp_path, view, provenance={"run": "test"})
     config = json.loads((tmp_path / CONFIG).read_text())
     assert (
         config["family"] == "llava"
@@ -30,7 +30,7 @@ def test_saved_shift_reloads_to_the_same_outputs(tmp_path, variant):
         and config["provenance"] == {"run": "test"}
     )
     assert (tmp_path / CONFIG).read_text() == json.dumps(config, indent=2, sort_keys=True)
-    loaded = load_shift(tmp_path, adapter)
+    loaded = load_shift(tmp_path, view)
     ids, mask = left_padded_batch()
     with torch.no_grad():
         with attach(model, shift):
@@ -42,27 +42,27 @@ def test_saved_shift_reloads_to_the_same_outputs(tmp_path, variant):
 
 def test_shift_for_another_model_is_refused(tmp_path):
     llava = build_tiny("llava")
-    save_shift(MimicShift(spec_for(Adapter(llava))), tmp_path, Adapter(llava))
+    save_shift(MimicShift(spec_for(ModelView(llava))), tmp_path, ModelView(llava))
     with pytest.raises(MimicError, match="trained for llava"):
-        load_shift(tmp_path, Adapter(build_tiny("idefics2")))
+        load_shift(tmp_path, ModelView(build_tiny("idefics2")))
 
 
 def test_tampered_or_missing_weights_give_one_line_errors(tmp_path):
     llava = build_tiny("llava")
-    adapter = Adapter(llava)
+    view = ModelView(llava)
     with pytest.raises(MimicError, match="shift_config.json is missing"):
-        load_shift(tmp_path, adapter)
-    save_shift(MimicShift(spec_for(adapter)), tmp_path, adapter)
+        load_shift(tmp_path, view)
+    save_shift(MimicShift(spec_for(view)), tmp_path, view)
     (tmp_path / WEIGHTS).write_bytes(b"not safetensors")
     with pytest.raises(MimicError, match="cannot read shift weights"):
-        load_shift(tmp_path, adapter)
+        load_shift(tmp_path, view)
 
 
 def test_load_model_from_local_directory(tmp_path):
     model = build_tiny("qwen2_vl")
     model.save_pretrained(tmp_path)
     loaded = load_model(str(tmp_path), with_processor=False)
-    assert loaded.adapter.family.name == "qwen2_vl"
+    assert loaded.view.family.name == "qwen2_vl"
     assert not any(p.requires_grad for p in loaded.model.parameters())
     assert config_fingerprint(loaded.model.config) == config_fingerprint(model.config)
     assert config_fingerprint(build_tiny("llava").config) != config_fingerprint(model.config)
@@ -76,6 +76,6 @@ def test_unknown_inputs_are_clear_errors(tmp_path):
 
 
 def test_geometry_of_each_family(family_name):
-    geo = Adapter(build_tiny(family_name)).geometry
+    geo = ModelView(build_tiny(family_name)).geometry
     assert (geo.num_layers, geo.num_heads, geo.head_dim, geo.hidden_size) == (3, 4, 8, 32)
     assert geo.num_kv_heads == (4 if family_name == "idefics" else 2)

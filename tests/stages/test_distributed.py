@@ -32,10 +32,10 @@ def test_two_process_evaluate_equals_one_process(tmp_path):
     path = tmp_path / "params.yaml"
     path.write_text(yaml.safe_dump(params))
     loaded = load_model(str(checkpoint))
-    shift = MimicShift(spec_for(loaded.adapter), torch.Generator().manual_seed(0))
+    shift = MimicShift(spec_for(loaded.view), torch.Generator().manual_seed(0))
     with torch.no_grad():
         shift.v.normal_(0, 1.0, generator=torch.Generator().manual_seed(1))  # a shift that changes answers
-    save_shift(shift, tmp_path / "shift", loaded.adapter, prompt=params["prompt"])
+    save_shift(shift, tmp_path / "shift", loaded.view, prompt=params["prompt"])
 
     def evaluate(out: Path, *launcher: str) -> subprocess.CompletedProcess:
         args = ["evaluate", "--params", path, "--shift", tmp_path / "shift", "--metrics", out / "m.json"]

@@ -7,7 +7,7 @@ import json
 import pytest
 from conftest import ROOT, SMALL, build_tiny, cli, overrides
 
-from pipeline.families import Adapter
+from pipeline.families import ModelView
 from pipeline.metrics import exact_match
 from pipeline.shift import MimicShift, spec_for
 from pipeline.shift_io import save_shift
@@ -131,6 +131,6 @@ def test_missing_run_directory_is_one_line(tmp_path):
 
 def test_shift_of_another_model_is_refused(tmp_path):
     other = build_tiny("idefics2")
-    save_shift(MimicShift(spec_for(Adapter(other))), tmp_path / "shift", Adapter(other))
+    save_shift(MimicShift(spec_for(ModelView(other))), tmp_path / "shift", ModelView(other))
     result = cli("evaluate", "--shift", tmp_path / "shift", "--metrics", tmp_path / "m.json", *overrides())
     assert result.returncode == 2 and "trained for idefics2" in result.stderr.strip().splitlines()[-1]

@@ -15,7 +15,7 @@ import torch
 import zarr
 from conftest import ROOT, SMALL, cli, overrides
 
-from pipeline.cache_store import CacheReader
+from pipeline.cache.store import CacheReader
 from pipeline.config import load_params
 from pipeline.models import load_model
 from pipeline.prompts import PromptBuilder, PromptTemplate
@@ -47,9 +47,9 @@ def test_samples_equal_what_the_hooks_saw(store):
     samples = training_samples(
         splits.train, splits.support, params.extract.k, params.extract.m, params.extract.seed
     )
-    builder = PromptBuilder(loaded.processor, loaded.adapter.family, PromptTemplate(params.prompt), 512)
+    builder = PromptBuilder(loaded.processor, loaded.view.family, PromptTemplate(params.prompt), 512)
     got, reader = read_all(store)
-    layers = list(range(loaded.adapter.geometry.num_layers))
+    layers = list(range(loaded.view.geometry.num_layers))
     assert len(got) == len(samples) == 24
     bs = params.extract.batch_size
     for first in range(0, len(samples), bs):  # the same batches extract ran
@@ -57,16 +57,16 @@ def test_samples_equal_what_the_hooks_saw(store):
         batch, lengths = teacher_batch(builder, samples, chunk)
         with torch.no_grad():
             seen, logits = forward_query_states(
-                loaded.model, loaded.adapter, batch, lengths, "mlp", layers, topk=3
+                loaded.model, loaded.view, batch, lengths, "mlp", layers, topk=3
             )
             _, kept = forward_query_states(
-                loaded.model, loaded.adapter, batch, lengths, "mlp", layers, topk=3, all_logits=False
+                loaded.model, loaded.view, batch, lengths, "mlp", layers, topk=3, all_logits=False
             )
         # extract (all_logits=False) ran the LM head on the query+answer span only, and stored the same top-k
         assert kept.shape == (len(chunk), max(lengths), logits.shape[-1]) and logits.shape[1] > max(lengths)
         for row, j in enumerate(chunk):
             states = got[j][0]
-            assert states.shape == (len(layers), lengths[row], loaded.adapter.geometry.hidden_size)
+            assert states.shape == (len(layers), lengths[row], loaded.view.geometry.hidden_size)
             assert states.dtype == torch.float32
             assert torch.equal(states, seen.states[row])  # lossless: bit-exact
             values, indices = got[j][1], got[j][2]

@@ -11,7 +11,7 @@ import yaml
 from conftest import ROOT, cli
 from real_checkpoints import FAMILY_NAMES, save_tiny_checkpoint, write_vqa_fixture
 
-from pipeline.cache_store import CacheReader
+from pipeline.cache.store import CacheReader
 
 
 @pytest.fixture(scope="module")

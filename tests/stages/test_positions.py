@@ -7,7 +7,7 @@ import pytest
 import torch
 from conftest import ROOT, SMALL
 
-from pipeline.cache_store import CacheReader, store_stats
+from pipeline.cache.store import CacheReader, store_stats
 from pipeline.config import load_params
 from pipeline.models import load_model
 from pipeline.prompts import PromptBuilder
@@ -44,7 +44,7 @@ def setup():
 def test_text_store_holds_exactly_the_non_image_positions(stores, setup):
     _, loaded, samples, builder = setup
     every, text = stores
-    image_token = loaded.adapter.image_token_id
+    image_token = loaded.view.image_token_id
     assert text.fingerprint["positions"] == "text" and every.fingerprint["positions"] == "all"
     dropped = 0
     for j in range(len(samples)):
@@ -65,14 +65,14 @@ def test_training_aligns_exactly_the_kept_positions(stores, setup, tmp_path):
     summary = train(PARAMS, text.path, tmp_path / "run", [*TEXT, "train.epochs=1"], loaded=loaded)
     logged = float((tmp_path / "run" / "train_log.tsv").read_text().splitlines()[1].split("\t")[4])
     # the first step by hand: the initial shift, the first batch, the student states at text positions only
-    adapter = loaded.adapter
-    shift = MimicShift(spec_for(adapter, tr.variant), torch.Generator().manual_seed(tr.seed))
+    view = loaded.view
+    shift = MimicShift(spec_for(view, tr.variant), torch.Generator().manual_seed(tr.seed))
     first = epoch_batches(samples, 0, tr.batch_size, tr.seed)[0]
     batch, lengths = student_batch(builder, samples, first)
-    layers = list(range(adapter.geometry.num_layers))
+    layers = list(range(view.geometry.num_layers))
     with attach(loaded.model, shift), torch.no_grad():
-        got, _ = forward_query_states(loaded.model, adapter, batch, lengths, ex.site, layers)
-    image_token = adapter.image_token_id
+        got, _ = forward_query_states(loaded.model, view, batch, lengths, ex.site, layers)
+    image_token = view.image_token_id
     errors = []
     for row, j in enumerate(first):
         keep = builder.tokens(samples.demos(j)[0]).input_ids != image_token

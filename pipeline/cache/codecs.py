@@ -1,4 +1,4 @@
-"""How one teacher sample becomes the arrays of the cache store and back (see `pipeline/cache_store.py`).
+"""How one teacher sample becomes the arrays of the cache store and back (see `pipeline/cache/store.py`).
 
 - ``lossless``: states keep the dtype the teacher computed in, bit for bit. Zarr has no bfloat16, so a
   bfloat16 tensor is stored as its uint16 bit pattern and the layout names the real dtype.

@@ -3,12 +3,12 @@
 Layout (ragged): the tokens of all samples are concatenated along one axis. ``token_offsets`` [N+1] and
 ``answer_offsets`` [N+1] are fixed when the store is created (the counts are known before the teacher runs),
 so every array is preallocated and samples may be written in any order. The arrays of each codec are listed
-in ``pipeline/cache_codecs.py``: token-axis arrays are [L, total_tokens, ...], chunked a few MiB along tokens
+in ``pipeline/cache/codecs.py``: token-axis arrays are [L, total_tokens, ...], chunked a few MiB along tokens
 (all layers x hidden in each chunk) and sharded ``shard_chunks`` chunks per file. ``sample_crc`` [N] int64 is
 the per-sample marker: -1 = not written, else the CRC-32 of the sample's stored bytes. Group attributes:
 ``format``, ``fingerprint`` (the caller's dict), ``layout`` and ``complete``.
 
-Writing (and its crash safety) lives in ``pipeline/cache_writer.py``; this module holds the format, store
+Writing (and its crash safety) lives in ``pipeline/cache/writer.py``; this module holds the format, store
 creation, the reader and ``store_stats``.
 """
 
@@ -24,7 +24,7 @@ import numpy as np
 import torch
 import zarr
 
-from pipeline.cache_codecs import (
+from pipeline.cache.codecs import (
     TORCH_DTYPES,
     ArraySpec,
     Layout,

@@ -1,10 +1,10 @@
-"""Writing the teacher cache (``pipeline/cache_store.py`` holds the format): ``CacheWriter`` creates or resumes a
+"""Writing the teacher cache (``pipeline/cache/store.py`` holds the format): ``CacheWriter`` creates or resumes a
 store and writes samples, directly or staged shard by shard; ``AsyncWriter`` feeds it from a background thread.
 
 Crash safety (the writer may be SIGKILLed at any instant; a rerun must equal an uninterrupted run):
 1. Every file write is atomic: zarr's LocalStore writes a temp file and renames it over the key
    (``_atomic_write`` in zarr/storage/_local.py, zarr 3.1), and so does ShardWriter for the shards written
-   whole (``pipeline/cache_shards.py``), so a chunk or shard file is always wholly its old or its new version.
+   whole (``pipeline/cache/shards.py``), so a chunk or shard file is always wholly its old or its new version.
    A partial shard update is a read-modify-write of the whole file that ends in one rename.
 2. There is one writer at a time (an flock on the store directory; AsyncWriter uses a single thread) and its
    writes are sequential, so each read-modify-write starts from the latest file and carries the neighbours'
@@ -31,9 +31,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pipeline.cache_codecs import TORCH_DTYPES, ArraySpec, Layout, checksum, encode_sample
-from pipeline.cache_shards import ShardWriter
-from pipeline.cache_store import _create, _name, _offsets, _Store, first_difference
+from pipeline.cache.codecs import TORCH_DTYPES, ArraySpec, Layout, checksum, encode_sample
+from pipeline.cache.shards import ShardWriter
+from pipeline.cache.store import _create, _name, _offsets, _Store, first_difference
 from pipeline.errors import MimicError
 
 __all__ = ["AsyncWriter", "CacheWriter"]
