@@ -55,7 +55,7 @@ def make_step(method: str, length: int, mode: str):
     import pipeline.attention as attention
     import pipeline.shift as shift_module
     from pipeline.families import ModelView
-    from pipeline.shift import MimicShift, attach, spec_for
+    from pipeline.methods.mimic import MimicShift, attach, spec_for
 
     model = build_model()
     ids = torch.randint(0, DECODER["vocab_size"], (1, length), generator=torch.Generator().manual_seed(0))

@@ -20,8 +20,8 @@ from pipeline.errors import MimicError
 # The choices of the text-valued fields (tests/test_config.py checks them against the modules that use them).
 SITES = ("attn", "mlp", "layer")  # pipeline.families.SITES
 CODECS = ("lossless", "int8")  # pipeline.cache.codecs.CODECS
-VARIANTS = ("mimic", "shared_vector", "scalar_magnitude", "ffn")  # pipeline.shift.VARIANTS
 PRECISIONS = ("fp32", "bf16", "fp16")
+PROMPT_METHODS = ("zero_shot", "icl", "rices")  # pipeline.methods.PROMPT_METHODS
 DTYPES = ("float32", "float16", "bfloat16", "float64")  # pipeline.models.DTYPES
 
 
@@ -54,10 +54,12 @@ class DataConfig:
     n_support: int  # demonstration pool size, drawn from `train`
     n_train: int  # training queries, drawn from `train`, disjoint from the support set (the paper: 1,000)
     n_eval: int  # evaluation queries, drawn from `eval`
+    n_val: int  # validation queries from `train`, disjoint from the rest: choices of layer or heads (tv, fv)
     seed: int  # picks the support, training and evaluation items
 
     def __post_init__(self):
         _at_least("data", 1, n_support=self.n_support, n_train=self.n_train, n_eval=self.n_eval)
+        _at_least("data", 0, n_val=self.n_val)
 
 
 @dataclass(frozen=True)
@@ -86,35 +88,30 @@ class ExtractConfig:
 
 @dataclass(frozen=True)
 class TrainConfig:
-    variant: str  # mimic | shared_vector | scalar_magnitude | ffn
+    """The training loop every trained method shares; each method's objective and optimizer are in `methods`."""
+
+    method: str  # the method `mimic train` fits (dvc.yaml sets it per run): a name of params.yaml `methods`
     epochs: int
-    lr: float  # tuned for the embedded model; the paper's code uses 5e-3 on 8B models
-    weight_decay: float  # AdamW, 1e-3 in the paper's code
     warmup: float  # fraction of steps with linear warmup, then cosine decay
     batch_size: int
     grad_accum: int  # optimizer step every grad_accum batches
     clip: float  # gradient norm clipping
-    ce_weight: float  # 0.5 in the paper's code
-    align_weight: float  # 1.0 in the paper's code
     precision: str  # fp32 | bf16 | fp16 (autocast; GPU only)
-    seed: int  # shift initialisation and batch order
+    seed: int  # initialisation and batch order
 
     def __post_init__(self):
         _at_least("train", 1, epochs=self.epochs, batch_size=self.batch_size, grad_accum=self.grad_accum)
-        _at_least("train", 0, weight_decay=self.weight_decay, ce_weight=self.ce_weight)
-        _at_least("train", 0, align_weight=self.align_weight, warmup=self.warmup)
-        _one_of("train.variant", self.variant, VARIANTS)
+        _at_least("train", 0, warmup=self.warmup)
         _one_of("train.precision", self.precision, PRECISIONS)
-        if not (0 < self.lr < math.inf and 0 < self.clip < math.inf and self.warmup < 1):
+        if not (0 < self.clip < math.inf and self.warmup < 1):
             raise MimicError(
-                f"train.lr={self.lr}, train.clip={self.clip}, train.warmup={self.warmup}: lr and clip must be "
-                "positive, warmup a fraction below 1"
+                f"train.clip={self.clip}, train.warmup={self.warmup}: clip must be positive, warmup a fraction below 1"
             )
 
 
 @dataclass(frozen=True)
 class EvaluateConfig:
-    methods: list[str]  # any of zero_shot, icl, mimic
+    methods: list[str]  # prompt methods: any of zero_shot, icl, rices (trained runs come from `runs`)
     k: int  # demonstrations for the icl method
     batch_size: int
     max_batch_tokens: int  # padded prompt tokens x rows x beams per generate call (its KV cache); 0 = no cap
@@ -136,9 +133,22 @@ class Params:
     prompt: str  # one round: {image}, {question}, {answer}
     extract: ExtractConfig
     train: TrainConfig
+    methods: dict  # method name -> its section (lr, loss weights, method-specific fields): pipeline.methods
+    trained: list[str]  # the methods `dvc repro` trains (one train stage each, runs/<name>) and evaluates
     evaluate: EvaluateConfig
 
     def __post_init__(self):
+        # each section is parsed by its method's config class where it is used (pipeline.methods.method_configs):
+        # the registry imports the methods' code, which the extract stage must not depend on
+        missing = [m for m in [self.train.method, *self.trained] if m not in self.methods]
+        if missing:
+            raise MimicError(f"train.method / trained name {missing}: add a section for each under `methods`")
+        unknown = [m for m in self.evaluate.methods if m not in PROMPT_METHODS]
+        if unknown:
+            raise MimicError(
+                f"evaluate.methods: unknown {unknown}; choose from {', '.join(PROMPT_METHODS)} (trained methods "
+                "are evaluated from their run directories)"
+            )
         for field, k in (("extract.k", self.extract.k), ("evaluate.k", self.evaluate.k)):
             if k > self.data.n_support:
                 raise MimicError(f"{field}={k} demonstrations, but data.n_support={self.data.n_support}")

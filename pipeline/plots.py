@@ -9,11 +9,17 @@ import matplotlib
 matplotlib.use("Agg")  # no display; must precede pyplot
 import matplotlib.pyplot as plt  # noqa: E402
 
-COLOURS = {"loss": "#1f77b4", "ce": "#d62728", "align": "#2ca02c"}  # one distinct colour per component
+COLOURS = {
+    "loss": "#1f77b4",
+    "ce": "#d62728",
+    "align": "#2ca02c",
+    "kl": "#9467bd",
+}  # one distinct colour per component
 STYLES = {
     "loss": ("-", 2.4),
     "ce": (":", 1.6),
     "align": ("--", 1.4),
+    "kl": ("-.", 1.4),
 }  # loss drawn wide: align runs close to it
 
 
@@ -25,16 +31,18 @@ def _save(fig, path: Path) -> None:
 
 
 def training_curves(rows: list[dict], path: Path, title: str = "training") -> None:
-    """Total loss, CE and alignment loss per step (log scale), epoch boundaries dotted."""
+    """Total loss and the method's loss terms (CE, alignment, KL) per step (log scale), epoch boundaries dotted.
+    A term that is zero throughout (not in the method's objective) is left out."""
     fig, ax = plt.subplots(figsize=(7, 3.6))
     steps = [r["step"] for r in rows]
-    for key, colour in COLOURS.items():
+    used = {k: c for k, c in COLOURS.items() if k in rows[0] and any(r[k] != 0 for r in rows)}
+    for key, colour in used.items():
         style, width = STYLES[key]
         ax.plot(steps, [r[key] for r in rows], label=key, color=colour, linestyle=style, linewidth=width)
     for r, previous in zip(rows[1:], rows):
         if r["epoch"] != previous["epoch"]:
             ax.axvline(r["step"] - 0.5, color="#999999", linestyle=":", linewidth=0.8)
-    if all(r[k] > 0 for r in rows for k in COLOURS):
+    if all(r[k] > 0 for r in rows for k in used):
         ax.set_yscale("log")
     ax.set(xlabel="step", ylabel="loss", title=title)
     ax.legend(frameon=False)

@@ -81,14 +81,15 @@ STAGES = {"extract": "stages.extract", "train": "stages.train", "evaluate": "sta
 def update_dvc_yaml(path: Path) -> None:
     """Rewrite the `.py` dependencies of each stage in a dvc.yaml to `stage_sources` (comments kept)."""
     lines, out, stage, i = path.read_text().splitlines(), [], None, 0
-    is_source = re.compile(r"^      - (pipeline|stages)/.*\.py$").match
+    is_source = re.compile(r"^( +)- (pipeline|stages)/.*\.py$").match
     while i < len(lines):
-        if match := re.match(r"^  (\w+):$", lines[i]):
+        if match := re.match(r"^  (\w+):( *#.*)?$", lines[i]):
             stage = match.group(1)
-        if is_source(lines[i]) and stage in STAGES:
+        if (source := is_source(lines[i])) and stage in STAGES:
+            indent = source.group(1)
             while i < len(lines) and is_source(lines[i]):
                 i += 1
-            out += [f"      - {name}" for name in stage_sources(STAGES[stage])]
+            out += [f"{indent}- {name}" for name in stage_sources(STAGES[stage])]
             continue
         out.append(lines[i])
         i += 1

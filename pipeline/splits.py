@@ -1,4 +1,4 @@
-"""The three disjoint item sets a run uses: demonstrations, training queries, evaluation queries."""
+"""The disjoint item sets a run uses: demonstrations, training queries, evaluation queries, validation queries."""
 
 from __future__ import annotations
 
@@ -16,6 +16,7 @@ class Splits:
     support: list[Item]
     train: list[Item]
     eval: list[Item]
+    val: list[Item]  # from the training pool, disjoint from support and train: choices of layer or heads
 
 
 def data_source(mapping: dict, where: str) -> DataSource:
@@ -29,9 +30,14 @@ def make_splits(cfg: DataConfig) -> Splits:
     """Support and training queries from `cfg.train` (disjoint), evaluation queries from `cfg.eval`."""
     pool = load_items(data_source(cfg.train, "data.train"))
     if cfg.eval == cfg.train:  # one source: the three sets are cut from it, disjoint
-        support, rest = split_support_query(pool, cfg.n_support, cfg.n_train + cfg.n_eval, cfg.seed)
-        return Splits(support, rest[: cfg.n_train], rest[cfg.n_train :])
-    support, train = split_support_query(pool, cfg.n_support, cfg.n_train, cfg.seed)
+        support, rest = split_support_query(
+            pool, cfg.n_support, cfg.n_train + cfg.n_eval + cfg.n_val, cfg.seed
+        )
+        n = cfg.n_train + cfg.n_eval
+        return Splits(support, rest[: cfg.n_train], rest[cfg.n_train : n], rest[n:])
+    # the first n_train of a longer draw are the n_train of a shorter one: n_val leaves the cache as it is
+    support, queries = split_support_query(pool, cfg.n_support, cfg.n_train + cfg.n_val, cfg.seed)
+    train, val = queries[: cfg.n_train], queries[cfg.n_train :]
     held_out = load_items(data_source(cfg.eval, "data.eval"))
     if cfg.n_eval > len(held_out):
         raise MimicError(f"data.n_eval={cfg.n_eval} but data.eval has {len(held_out)} items")
@@ -41,7 +47,7 @@ def make_splits(cfg: DataConfig) -> Splits:
     overlap = {i.id for i in support + train} & {i.id for i in evaluation}
     if overlap:
         raise MimicError(f"evaluation item {sorted(overlap)[0]!r} is also in the training pool (data.train)")
-    return Splits(support, train, evaluation)
+    return Splits(support, train, evaluation, val)
 
 
 def target_answer(item: Item) -> str:

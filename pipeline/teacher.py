@@ -34,7 +34,8 @@ def forward_inputs(view: ModelView, batch: dict[str, torch.Tensor], device) -> d
 
 @dataclass
 class QueryStates:
-    """For each sequence of a batch: states [L, n_i, hidden] and (optionally) top-k logits at answer tokens."""
+    """For each sequence of a batch: states [L, n_i, hidden] and (optionally) the top-k log-probabilities and their
+    token ids at the positions predicting its answer tokens ([A_i, k] each)."""
 
     states: list[torch.Tensor]
     topk_values: list[torch.Tensor] | None
@@ -89,7 +90,9 @@ def forward_query_states(
         predicting = torch.zeros_like(mask)
         predicting[:, :-1] = mask[:, 1:]
         predicting = predicting[:, mask.shape[1] - logits.shape[1] :]  # the positions whose logits were kept
-        top = logits.float().topk(topk, dim=-1)
+        # log-probabilities, not raw logits: with them the tail's mass 1 - sum(exp) is known, and a KL over the
+        # top-k plus one tail bucket is exact (pipeline.training.topk_kl)
+        top = torch.log_softmax(logits.float(), -1).topk(topk, dim=-1)
         values = [top.values[i][predicting[i]] for i in range(len(lengths))]
         indices = [top.indices[i][predicting[i]] for i in range(len(lengths))]
     return QueryStates(states, values, indices), logits

@@ -1,4 +1,5 @@
-"""The MimIC objective, target sources (cache or online teacher) and resumable training state."""
+"""The objectives (CE, layer-wise MSE, top-k KL), target sources (cache or online teacher) and resumable training
+state."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import contextlib
 import os
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -15,9 +17,8 @@ from pipeline.config import ExtractConfig
 from pipeline.errors import MimicError
 from pipeline.families import ModelView
 from pipeline.prompts import PromptBuilder
-from pipeline.samples import TrainingSamples, kept_positions, teacher_batch
-from pipeline.shift import MimicShift
-from pipeline.teacher import forward_query_states
+from pipeline.samples import TrainingSamples, kept_positions, student_batch, teacher_batch
+from pipeline.teacher import forward_inputs, forward_query_states
 
 
 def alignment_loss(
@@ -43,6 +44,77 @@ def answer_ce(
     return total / (int(mask.sum()) if answers is None else answers)
 
 
+def topk_kl(student_logits: torch.Tensor, teacher_logp: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+    """Sum over answer tokens of KL(teacher || student), the teacher known by its top-k log-probabilities.
+
+    student_logits [A, V]; teacher_logp, indices [A, K] (log_softmax over the whole vocabulary, then top-k).
+    The other V - K tokens are one bucket with the teacher's remaining mass, so the KL is exact for the
+    teacher's distribution coarsened to K + 1 outcomes, and equals the full-vocabulary KL when K = V.
+    """
+    student = torch.log_softmax(student_logits.float(), -1)  # (A, V)
+    p_top = teacher_logp.float().exp()  # (A, K)
+    q_top = student.gather(-1, indices)  # (A, K)
+    head = (p_top * (teacher_logp.float() - q_top)).sum(-1)  # (A,)
+    if indices.shape[-1] == student.shape[-1]:  # nothing outside the top-k (1 - sum(p) is only rounding)
+        return head.sum()
+    p_tail = (1 - p_top.sum(-1)).clamp_min(0)  # (A,)
+    # log of the student's mass outside the top-k, without cancellation: logsumexp over the other tokens
+    outside = student.scatter(-1, indices, float("-inf"))
+    q_tail = torch.logsumexp(outside, -1)  # (A,)
+    tail = torch.where(
+        p_tail > 0, p_tail * (torch.log(p_tail.clamp_min(1e-30)) - q_tail), torch.zeros_like(p_tail)
+    )
+    return (head + tail).sum()
+
+
+def answer_logits(logits: torch.Tensor, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The logits predicting the answer tokens, rows in batch order then position order: [A, V]."""
+    mask = batch["answer_mask"][:, 1:].to(logits.device)
+    return logits[:, :-1][mask]
+
+
+@dataclass(frozen=True)
+class Weights:
+    ce: float
+    align: float
+    kl: float
+
+
+def batch_loss(
+    model,
+    view: ModelView,
+    builder: PromptBuilder,
+    samples: TrainingSamples,
+    part,
+    target,
+    counts,
+    ex: ExtractConfig,
+    layers: Sequence[int],
+    weights: Weights,
+) -> list[torch.Tensor]:
+    """[loss, ce, align, kl] of this process's part of a batch, each divided by the WHOLE batch's counts
+    (answers, aligned positions) so that the parts add up. `target`: the cache's (states, top-k log-probs,
+    top-k ids) per sample of `part`. States are recorded only when aligned, logits kept only where needed."""
+    answers, aligned = counts
+    batch, lengths = student_batch(builder, samples, part)
+    zero = torch.zeros((), device=next(model.parameters()).device)
+    if weights.align > 0:
+        keep = kept_positions(builder, samples, part, ex.positions, view.image_token_id)
+        got, logits = forward_query_states(model, view, batch, lengths, ex.site, layers, kept=keep)
+        align = alignment_loss(got.states, [t[0].to(logits.device) for t in target], aligned)
+    else:
+        logits = model(**forward_inputs(view, batch, zero.device), use_cache=False).logits  # (B, T, V)
+        align = zero
+    ce = answer_ce(logits, batch, answers)
+    kl = zero
+    if weights.kl > 0:
+        values = torch.cat([t[1] for t in target]).to(logits.device)  # (A, K)
+        indices = torch.cat([t[2] for t in target]).to(logits.device)
+        kl = topk_kl(answer_logits(logits, batch), values, indices) / answers
+    loss = weights.ce * ce + weights.align * align + weights.kl * kl
+    return [loss, ce, align, kl]
+
+
 class CacheTargets:
     """Cached teacher states for a list of sample batches, read one batch ahead in a background thread."""
 
@@ -58,8 +130,8 @@ class CacheTargets:
                 pending = self.pool.submit(self._read, i + 1) if i + 1 < len(self.batches) else None
                 yield current
 
-    def _read(self, i: int) -> list[torch.Tensor]:
-        return [states for states, _, _ in self.reader.read_many(self.batches[i])]
+    def _read(self, i: int) -> list[tuple]:
+        return self.reader.read_many(self.batches[i]) if self.batches[i] else []
 
 
 class OnlineTargets:
@@ -71,7 +143,7 @@ class OnlineTargets:
         view: ModelView,
         builder: PromptBuilder,
         samples: TrainingSamples,
-        shift: MimicShift,
+        shift,
         batches: Sequence[Sequence[int]],
         extract: ExtractConfig,
         layers: Sequence[int],
@@ -91,11 +163,11 @@ class OnlineTargets:
                 got, _ = forward_query_states(
                     model, view, batch, lengths, ex.site, layers, all_logits=False, kept=keep
                 )
-            yield got.states
+            yield [(states, None, None) for states in got.states]
 
 
 @contextlib.contextmanager
-def _disabled(shift: MimicShift):
+def _disabled(shift):
     was, shift.enabled = shift.enabled, False
     try:
         yield

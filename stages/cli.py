@@ -65,7 +65,7 @@ def extract_command(
 def train_command(
     cache: Path = typer.Option(Path("cache/teacher.zarr"), help="Teacher store written by `mimic extract`."),
     run_dir: Path = typer.Option(
-        Path("runs/mimic"), "--run-dir", help="Checkpoints, log and the final shift."
+        Path("runs/mimic"), "--run-dir", help="Checkpoints, log and the trained method (<run-dir>/method)."
     ),
     online: bool = typer.Option(False, help="Reference mode: run the teacher at every step, no cache."),
     replace: bool = typer.Option(
@@ -74,22 +74,26 @@ def train_command(
     params: Path = PARAMS,
     set_: list[str] = SET,
 ) -> None:
-    """Train only the shift heads against the cached teacher states (reads model, data, prompt, extract, train)."""
+    """Train `train.method` from the cached teacher (reads model, data, prompt, extract, train, methods)."""
     from stages.train import train
 
     summary = train(params, None if online else cache, run_dir, set_, replace=replace)
     if os.environ.get("RANK", "0") != "0":  # under torchrun: rank 0 reports
         return
     typer.echo(
-        f"{run_dir / 'shift'}: alignment loss {summary['first_align']:.4g} -> {summary['last_align']:.4g} "
-        f"in {summary['steps']} steps"
+        f"{run_dir / 'method'}: {summary['parameters']:,} parameters, loss {summary['first_loss']:.4g} -> "
+        f"{summary['last_loss']:.4g} (epoch means) in {summary['steps']} steps"
     )
 
 
 @app.command("evaluate")
 def evaluate_command(
-    shift: Path = typer.Option(
-        Path("runs/mimic/shift"), help="Trained shift directory (from `mimic train`)."
+    run: list[Path] = typer.Option(
+        [], "--run-dir", help="A trained run directory (what `mimic train --run-dir` wrote); repeatable."
+    ),
+    run_root: Path | None = typer.Option(
+        None,
+        help="Evaluate every method of params.yaml `trained`, as <run-root>/<name> (what dvc.yaml does).",
     ),
     metrics: Path = typer.Option(Path("metrics/evaluate.json"), help="Metrics JSON to write."),
     predictions: Path = typer.Option(
@@ -99,16 +103,20 @@ def evaluate_command(
         None, help="Folder for each method's predictions in the official format (VQA, COCO results)."
     ),
     allow_other_base: bool = typer.Option(
-        False, help="Apply a shift trained on other weights or with another prompt template (warns)."
+        False, help="Apply a method trained on other weights or with another prompt template (warns)."
     ),
     params: Path = PARAMS,
     set_: list[str] = SET,
 ) -> None:
-    """Compare zero-shot, k-shot ICL and MimIC on held-out queries (reads model, data, prompt, evaluate).
-    Also writes <metrics>_latency.json beside the metrics."""
+    """Compare the prompt methods and trained runs on held-out queries (reads model, data, prompt, evaluate,
+    runs). Also writes <metrics>_latency.json beside the metrics."""
+    from pipeline.config import load_params
     from stages.evaluate import evaluate, format_report
 
-    report = evaluate(params, shift, metrics, predictions, set_, results, allow_other_base)
+    runs = list(run)
+    if run_root is not None:
+        runs += [run_root / name for name in load_params(params, set_).trained]
+    report = evaluate(params, runs, metrics, predictions, set_, results, allow_other_base)
     if report is not None:  # rank 0 of several, or the only process
         typer.echo(format_report(report))
 

@@ -1,4 +1,4 @@
-"""`mimic evaluate`: zero-shot, k-shot ICL and MimIC on the same held-out queries, same prompts, same metric.
+"""`mimic evaluate`: the prompt methods and every trained run on the same held-out queries, prompts and metric.
 
 Recipe: params -> checks (model, outputs, shift) -> model -> splits -> prompts per method, built batch by batch
 -> generation with the methods interleaved chunk by chunk (a warm-up chunk first, untimed) -> metric -> metrics
@@ -7,6 +7,7 @@ JSON, latency JSON, per-sample predictions JSONL and each method's predictions i
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import statistics
@@ -19,78 +20,76 @@ from pipeline.distributed import gather, rank_device, share, world
 from pipeline.errors import MimicError
 from pipeline.evaluation import GenerationPrompts, generate_answers, official_results, score
 from pipeline.icd import sample_icd_sets
+from pipeline.methods import method_configs
+from pipeline.methods.io import check_method_base, load_method
 from pipeline.models import check_model, load_model, weights_fingerprint
 from pipeline.outputs import check_writable, write_text_atomic
 from pipeline.plots import method_scores
 from pipeline.prompts import PromptBuilder
-from pipeline.shift import MimicShift, attach, spec_for
-from pipeline.shift_io import check_shift_base, load_shift
 from pipeline.splits import make_splits
 
 log = logging.getLogger(__name__)
-METHODS = ("zero_shot", "icl", "mimic")
 
 
 def evaluate(
     params_path: Path,
-    shift_dir: Path | None,
+    runs: list[Path],
     metrics_path: Path,
     predictions_path: Path,
     overrides: list[str],
     results_dir: Path | None = None,
     allow_other_base: bool = False,
 ) -> dict:
-    """Score every method of `evaluate.methods`; writes the outputs only when all of them are done. Under
-    `torchrun` each rank generates a contiguous share of the queries; rank 0 gathers them in order, scores once
-    and writes (the other ranks return None)."""
+    """Score the prompt methods of `evaluate.methods` and every trained run in `runs` (a run directory holding
+    `method/`, named in the table by its folder's name) on the same queries; writes the outputs only when all
+    of them are done. Under `torchrun` each rank generates a contiguous share of the queries; rank 0 gathers
+    them in order, scores once and writes (the other ranks return None)."""
     params = load_params(params_path, overrides)
     ev = params.evaluate
+    method_configs(params.methods)  # every section checked, as train checks its own
     here = world()
     device = rank_device(params.model.device, here)
-    unknown = [m for m in ev.methods if m not in METHODS]
-    if unknown or not ev.methods:
-        raise MimicError(f"evaluate.methods: unknown {unknown or '[]'}; choose from {', '.join(METHODS)}")
+    labels = list(ev.methods) + [run.name for run in runs]
+    if not labels or len(set(labels)) != len(labels):
+        raise MimicError(
+            f"methods to evaluate: {labels or 'none'}; name each once (runs by their folder names)"
+        )
     check_model(params.model.name, params.model.dtype, params.model.device)
     outputs = [metrics_path, latency_path(metrics_path), predictions_path]
     for path in outputs:
         check_writable(path, "output file")
     if results_dir is not None:
         check_writable(results_dir / "zero_shot.json", "results folder")
-    if "mimic" in ev.methods:
-        if shift_dir is None or not shift_dir.is_dir():
-            raise MimicError(f"run directory not found: {shift_dir} (train a shift with `mimic train` first)")
-        check_shift_base(shift_dir, None, params.prompt, allow_other_base)  # the prompt, before the model
+    for run in runs:
+        if not (run / "method").is_dir():
+            raise MimicError(f"no trained method in {run}: train it with `mimic train --run-dir {run}` first")
+        check_method_base(
+            run / "method", None, params.prompt, allow_other_base
+        )  # the prompt, before the model
     splits = make_splits(params.data)  # data errors before the model is read
     loaded = load_model(params.model.name, params.model.dtype, device)
-    if "mimic" in ev.methods:
-        shift = load_shift(shift_dir, loaded.view, device=device)
-        check_shift_base(shift_dir, weights_fingerprint(loaded.model), None, allow_other_base)
-    else:  # attached but never enabled: every method runs through the same attention function
-        shift = MimicShift(spec_for(loaded.view)).to(device)
+    trained = {}
+    for run in runs:
+        trained[run.name] = load_method(run / "method", loaded.view, device=device)  # family and shape first
+        check_method_base(run / "method", weights_fingerprint(loaded.model), None, allow_other_base)
     builder = PromptBuilder.for_model(loaded, params.prompt)
     queries = splits.eval
-    icd = sample_icd_sets([q.id for q in queries], splits.support, ev.k, 1, ev.seed)  # the same on every rank
     mine = share(len(queries), here)
     prompts = {
-        method: GenerationPrompts(
-            builder,
-            [[splits.support[i] for i in icd[n][0]] if method == "icl" else [] for n in mine],
-            [queries[n] for n in mine],
-        )
-        for method in ev.methods
+        label: GenerationPrompts(builder, demonstrations(label, splits, ev, mine), [queries[n] for n in mine])
+        for label in labels
     }
-    answers, seconds, tokens = merge(gather(interleaved(loaded.model, builder, prompts, shift, ev), here))
+    answers, seconds, tokens = merge(gather(interleaved(loaded.model, builder, prompts, trained, ev), here))
     if not here.main:
         return None
     kind = params.data.eval["kind"]
-    scored = {m: score(kind, queries, answers[m]) for m in ev.methods}
+    scored = {m: score(kind, queries, answers[m]) for m in labels}
     metric = next(iter(scored.values())).metric
-    shift_name = str(shift_dir) if "mimic" in ev.methods else "none"
     scored_on = {**params.data.eval, "queries": len(queries), "split_seed": params.data.seed}
     where = ", ".join(f"{k}={v}" for k, v in scored_on.items() if v is not None)
     report = {
         # what was scored, in one line (one column in `dvc exp show`)
-        "about": f"{metric} of {params.model.name} on {where}; shift {shift_name}",
+        "about": f"{metric} of {params.model.name} on {where}; runs {', '.join(map(str, runs)) or 'none'}",
         "metric": metric,
         "score": {m: round(s.value, 4) for m, s in scored.items()},
         **({"captions": {m: s.extra for m, s in scored.items()}} if kind == "coco_karpathy" else {}),
@@ -98,16 +97,18 @@ def evaluate(
     latency_extra = {
         "model": params.model.name,
         "data": scored_on,
-        "shift": shift_name,
+        "runs": {run.name: str(run) for run in runs},
         "processes": here.size,
     }
     latency = {**latency_report(seconds, tokens, len(queries), ev), **latency_extra}
+    for label in labels:
+        latency[label]["parameters"] = trained[label].num_parameters() if label in trained else 0
     rows = [{"id": q.id, "question": q.question, "answers": list(q.answers)} for q in queries]
     for method, result in scored.items():
         for row, answer, value in zip(rows, answers[method], result.per_item):
             row[method] = {"prediction": answer, "score": value}
     if results_dir is not None:
-        for method in ev.methods:
+        for method in labels:
             text = json.dumps(official_results(kind, queries, answers[method]), allow_nan=False)
             write_text_atomic(results_dir / f"{method}.json", text + "\n")
     write_text_atomic(
@@ -117,6 +118,15 @@ def evaluate(
     method_scores(report["score"], report["metric"], scores_plot(metrics_path))
     write_text_atomic(metrics_path, json.dumps(report, indent=2, sort_keys=True, allow_nan=False) + "\n")
     return {**report, "latency": latency}
+
+
+def demonstrations(label: str, splits, ev, mine) -> list[list]:
+    """Each of this rank's queries' demonstrations under `label`: k random support items for icl, none for
+    zero-shot and trained methods. The draw is the same on every rank and for every run."""
+    if label != "icl":
+        return [[] for _ in mine]
+    icd = sample_icd_sets([q.id for q in splits.eval], splits.support, ev.k, 1, ev.seed)
+    return [[splits.support[i] for i in icd[n][0]] for n in mine]
 
 
 def merge(shares: list[tuple[dict, dict, dict]]) -> tuple[dict, dict, dict]:
@@ -129,7 +139,7 @@ def merge(shares: list[tuple[dict, dict, dict]]) -> tuple[dict, dict, dict]:
     return joined
 
 
-def interleaved(model, builder, prompts: dict, shift, ev):
+def interleaved(model, builder, prompts: dict, trained: dict, ev):
     """Generate every method's answers chunk by chunk of `ev.batch_size` queries, the methods' order rotating
     from chunk to chunk, after one untimed warm-up chunk per method; `ev.repeats` passes are timed (answers come
     from the first). Returns answers, per-chunk (seconds, queries) and prompt tokens per method."""
@@ -143,32 +153,31 @@ def interleaved(model, builder, prompts: dict, shift, ev):
         return answers, seconds, tokens
 
     def run(method, first, last, desc):
-        shift.enabled = method == "mimic"
-        return generate_answers(
-            model,
-            builder,
-            prompts[method][first:last],
-            ev.batch_size,
-            ev.num_beams,
-            ev.max_new_tokens,
-            desc=desc,
-            max_batch_tokens=ev.max_batch_tokens,
-            progress=False,
-        )
+        attached = trained[method].attach(model) if method in trained else contextlib.nullcontext()
+        with attached:  # one method on the model at a time
+            return generate_answers(
+                model,
+                builder,
+                prompts[method][first:last],
+                ev.batch_size,
+                ev.num_beams,
+                ev.max_new_tokens,
+                desc=desc,
+                max_batch_tokens=ev.max_batch_tokens,
+                progress=False,
+            )
 
-    with attach(model, shift):
-        for method in methods:  # warm-up: first calls pay for allocations and lazy set-up
-            run(method, *chunks[0], "warm-up")
-        turns = [(r, c) for r in range(ev.repeats) for c in range(len(chunks))]
-        for r, c in tqdm(turns, desc="evaluate", unit="chunk"):
-            first, last = chunks[c]
-            for method in methods[c % len(methods) :] + methods[: c % len(methods)]:
-                out = run(method, first, last, method)
-                seconds[method].append((out.seconds, last - first))  # (seconds, queries) of the chunk
-                if r == 0:  # later repeats only time the same generation again
-                    answers[method] += out.answers
-                    tokens[method] += out.prompt_tokens
-    shift.enabled = True
+    for method in methods:  # warm-up: first calls pay for allocations and lazy set-up
+        run(method, *chunks[0], "warm-up")
+    turns = [(r, c) for r in range(ev.repeats) for c in range(len(chunks))]
+    for r, c in tqdm(turns, desc="evaluate", unit="chunk"):
+        first, last = chunks[c]
+        for method in methods[c % len(methods) :] + methods[: c % len(methods)]:
+            out = run(method, first, last, method)
+            seconds[method].append((out.seconds, last - first))  # (seconds, queries) of the chunk
+            if r == 0:  # later repeats only time the same generation again
+                answers[method] += out.answers
+                tokens[method] += out.prompt_tokens
     return answers, seconds, tokens
 
 
@@ -195,7 +204,7 @@ def latency_report(seconds: dict, tokens: dict, n: int, ev) -> dict:
             "ms_per_sample_p75": round(q3, 3),
             "prompt_tokens_per_sample": round(sum(tokens[method]) / n, 2),
         }
-    if "icl" in report and "mimic" in report:
+    if "icl" in report and "mimic" in report:  # the paper's headline
         report["mimic_speedup_over_icl"] = round(
             report["icl"]["ms_per_sample"] / report["mimic"]["ms_per_sample"], 3
         )
@@ -222,13 +231,13 @@ def format_report(report: dict) -> str:
     if "mimic_speedup_over_icl" in latency:
         speedup = latency["mimic_speedup_over_icl"]
         lines.append(f"MimIC (no demonstrations) is {speedup:.2f}x faster per sample than ICL")
-    lines.append(f"{'method':<10} {metric:>14} {'ms/sample':>10} {'(p25-p75)':>15} {'prompt tokens':>14}")
-    for method in METHODS:
-        if method in report["score"]:
-            r = latency[method]
-            spread = f"{r['ms_per_sample_p25']:.2f}-{r['ms_per_sample_p75']:.2f}"
-            lines.append(
-                f"{method:<10} {report['score'][method]:>14.2f} {r['ms_per_sample']:>10.2f} {spread:>15} "
-                f"{r['prompt_tokens_per_sample']:>14.1f}"
-            )
+    head = f"{'method':<18} {metric:>14} {'parameters':>11} {'ms/sample':>10} {'(p25-p75)':>15} {'prompt tokens':>14}"
+    lines.append(head)
+    for method, value in report["score"].items():
+        r = latency[method]
+        spread = f"{r['ms_per_sample_p25']:.2f}-{r['ms_per_sample_p75']:.2f}"
+        lines.append(
+            f"{method:<18} {value:>14.2f} {r.get('parameters', 0):>11,} {r['ms_per_sample']:>10.2f} {spread:>15} "
+            f"{r['prompt_tokens_per_sample']:>14.1f}"
+        )
     return "\n".join(lines)

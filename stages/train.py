@@ -1,7 +1,8 @@
-"""`mimic train`: fit only the MimIC shift heads against the cached teacher states.
+"""`mimic train`: fit one method (`train.method`: MimIC, its ablations, LIVE, HiFICL, LoRA ...) from the cached teacher.
 
-Recipe: params -> model -> splits -> check the cache's fingerprint -> shift + AdamW + cosine schedule ->
-(resume) -> epochs of student forwards with hooks, CE + alignment loss -> checkpoint each epoch -> save shift.
+Recipe: params -> model -> splits -> check the cache's fingerprint -> method + AdamW + cosine schedule ->
+(resume) -> epochs of student forwards, the method's weighted CE / alignment / KL -> checkpoint each epoch ->
+save the method (pipeline.methods.io).
 `--online` is the reference mode: the teacher runs on the same ICD sets at every step instead of the cache.
 """
 
@@ -22,29 +23,28 @@ from pipeline.config import load_params
 from pipeline.distributed import rank_device, reduce_gradients, reduce_sum, share, world
 from pipeline.errors import MimicError
 from pipeline.fingerprint import teacher_fingerprint
-from pipeline.models import Loaded, check_model, load_model
+from pipeline.methods import build_method, method_configs
+from pipeline.methods.io import save_method
+from pipeline.models import Loaded, check_model, load_model, weights_fingerprint
 from pipeline.outputs import check_writable, write_text_atomic
 from pipeline.plots import training_curves
 from pipeline.prompts import PromptBuilder
-from pipeline.samples import batch_counts, kept_positions, student_batch, training_samples
-from pipeline.shift import MimicShift, attach, spec_for
-from pipeline.shift_io import save_shift
+from pipeline.samples import batch_counts, training_samples
 from pipeline.sources import sources_hash
 from pipeline.splits import make_splits
-from pipeline.teacher import forward_query_states
 from pipeline.training import (
     CacheTargets,
     OnlineTargets,
-    alignment_loss,
-    answer_ce,
+    Weights,
     autocast_for,
+    batch_loss,
     epoch_batches,
     load_checkpoint,
     save_checkpoint,
 )
 
 log = logging.getLogger(__name__)
-LOG_COLUMNS = ("step", "epoch", "loss", "ce", "align", "lr")
+LOG_COLUMNS = ("step", "epoch", "loss", "ce", "align", "kl", "lr")
 
 
 def train(
@@ -55,16 +55,19 @@ def train(
     loaded: Loaded | None = None,
     replace: bool = False,
 ) -> dict:
-    """Train (or resume) a run in `run_dir`; `cache=None` runs the online reference teacher instead.
-    A checkpoint of the same run (parameters, teacher cache, training code) is resumed; a finished one only
-    rewrites the outputs, with the figures it measured. With `replace`, a checkpoint of another run is discarded
-    instead of refused (DVC keeps the checkpoint across reruns). `loaded` reuses a model already in memory."""
+    """Train (or resume) `train.method` in `run_dir`; `cache=None` runs the online reference teacher instead.
+    A checkpoint of the same run (method and its parameters, teacher cache, training code) is resumed; a finished
+    one only rewrites the outputs, with the figures it measured. With `replace`, a checkpoint of another run is
+    discarded instead of refused (DVC keeps the checkpoint across reruns). `loaded` reuses a model in memory."""
     params = load_params(params_path, overrides)
     tr, ex = params.train, params.extract
+    config = method_configs(params.methods)[tr.method]
     check_model(params.model.name, params.model.dtype, params.model.device, ex.layers)
     here = world()  # under torchrun: each rank trains on its share of every batch
     device = rank_device(params.model.device, here)
-    check_writable(run_dir / "shift", "run directory", folder=True)
+    check_writable(run_dir / "method", "run directory", folder=True)
+    if cache is None and (config.kl_weight > 0 or tr.method in ("lora", "mimic_lora")):
+        raise MimicError(f"--online serves MimIC-style alignment only; {tr.method} trains from the cache")
     if cache is not None:
         CacheReader.open(cache, verify=False)  # exists and complete: fail before loading a large model
     splits = make_splits(params.data)  # data errors before the model is read
@@ -75,21 +78,28 @@ def train(
     reader = None
     if cache is not None:  # checked before any step: model, tokenizer, data, prompts, k, M, site, layers
         reader = CacheReader.open(cache, expect=teacher)
+        if config.kl_weight > 0 and not reader.layout.topk:
+            raise MimicError(
+                f"{tr.method} needs the teacher's logits: extract with extract.topk > 0 ({cache})"
+            )
     samples = training_samples(splits.train, splits.support, ex.k, ex.m, ex.seed)
     builder = PromptBuilder.for_model(loaded, params.prompt)
-    shift = MimicShift(spec_for(view, tr.variant), torch.Generator().manual_seed(tr.seed)).to(device)
-    optimizer = torch.optim.AdamW(shift.parameters(), lr=tr.lr, weight_decay=tr.weight_decay)
+    method = build_method(tr.method, config, view, torch.Generator().manual_seed(tr.seed)).to(device)
+    base_weights = weights_fingerprint(model)  # before LoRA enters the model
+    handle = method.attach(model)  # LoRA's tensors exist once attached
     batches_per_epoch = math.ceil(len(splits.train) / tr.batch_size)
     total = math.ceil(batches_per_epoch / tr.grad_accum) * tr.epochs
+    optimizer = torch.optim.AdamW(method.trainable(), lr=config.lr, weight_decay=config.weight_decay)
     scheduler = get_cosine_schedule_with_warmup(optimizer, int(tr.warmup * total), total)
     autocast = autocast_for(params.model.device, tr.precision)
     scaler = torch.amp.GradScaler("cuda", enabled=tr.precision == "fp16")
 
     checkpoint_path = run_dir / "checkpoint.pt"
-    # What the shift's values depend on (not where data lives, the evaluation set or the device): a checkpoint
+    # What the method's values depend on (not where data lives, the evaluation set or the device): a checkpoint
     # of the same identity is resumed, any other is not
     identity = {
         "train": vars(tr),
+        "method": config.to_dict(),
         "teacher": teacher,
         "online": cache is None,
         "code": sources_hash("stages.train"),  # comments and docstrings aside
@@ -107,15 +117,17 @@ def train(
         log.info("discarding %s: it belongs to another run (%s differ)", checkpoint_path, ", ".join(differs))
         state = None
     if state is not None:
-        shift.load_state_dict(state["shift"])
+        method.load_checkpoint_state(state["method"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         start_epoch, rows, epoch_seconds = state["epoch"], state["log"], state["epoch_seconds"]
         log.info("resuming %s after epoch %d of %d", run_dir, start_epoch, tr.epochs)
 
     run_dir.mkdir(parents=True, exist_ok=True)
-    bar = tqdm(total=batches_per_epoch * tr.epochs, initial=batches_per_epoch * start_epoch, desc="train")
-    with attach(model, shift), bar:
+    weights = Weights(config.ce_weight, config.align_weight, config.kl_weight)
+    bar = tqdm(total=batches_per_epoch * tr.epochs, initial=batches_per_epoch * start_epoch, desc=tr.method)
+    with handle, bar:
+        method.train_mode(True)
         for epoch in range(start_epoch, tr.epochs):
             epoch_start = time.perf_counter()
             batches = epoch_batches(samples, epoch, tr.batch_size, tr.seed)
@@ -123,33 +135,28 @@ def train(
             targets = (
                 CacheTargets(reader, parts)
                 if reader is not None
-                else OnlineTargets(model, view, builder, samples, shift, parts, ex, layers)
+                else OnlineTargets(model, view, builder, samples, method, parts, ex, layers)
             )
             for i, (indices, part, target) in enumerate(zip(batches, parts, targets)):
-                answers, aligned = batch_counts(builder, samples, indices, ex.positions, view.image_token_id)
-                values = torch.zeros(3)  # this rank's share of (loss, ce, align): the shares add up
+                counts = batch_counts(builder, samples, indices, ex.positions, view.image_token_id)
+                values = torch.zeros(4)  # this rank's share of (loss, ce, align, kl): the shares add up
                 if part:
-                    batch, lengths = student_batch(builder, samples, part)
-                    keep = kept_positions(builder, samples, part, ex.positions, view.image_token_id)
                     with autocast():
-                        got, logits = forward_query_states(
-                            model, view, batch, lengths, ex.site, layers, kept=keep
+                        terms = batch_loss(
+                            model, view, builder, samples, part, target, counts, ex, layers, weights
                         )
-                        ce = answer_ce(logits, batch, answers)
-                        align = alignment_loss(got.states, [t.to(logits.device) for t in target], aligned)
-                        loss = tr.ce_weight * ce + tr.align_weight * align
-                    scaler.scale(loss / tr.grad_accum).backward()
-                    values = torch.stack([loss, ce, align]).detach().float().cpu()
-                loss_value, ce_value, align_value = reduce_sum(values, here).tolist()
+                    scaler.scale(terms[0] / tr.grad_accum).backward()
+                    values = torch.stack(terms).detach().float().cpu()
+                loss_value, ce_value, align_value, kl_value = reduce_sum(values, here).tolist()
                 if not math.isfinite(loss_value):  # the checkpoint of the last finished epoch stays as it was
                     raise MimicError(
                         f"the training loss became {loss_value} at step {len(rows)} (epoch {epoch + 1}): lower "
-                        f"train.lr (now {tr.lr})"
+                        f"methods.{tr.method}.lr (now {config.lr})"
                     )
                 if (i + 1) % tr.grad_accum == 0 or i + 1 == len(batches):
-                    reduce_gradients(shift.parameters(), here)
+                    reduce_gradients(method.trainable(), here)
                     scaler.unscale_(optimizer)
-                    torch.nn.utils.clip_grad_norm_(shift.parameters(), tr.clip)
+                    torch.nn.utils.clip_grad_norm_(method.trainable(), tr.clip)
                     scaler.step(optimizer)
                     scaler.update()
                     optimizer.zero_grad(set_to_none=True)
@@ -160,6 +167,7 @@ def train(
                     "loss": loss_value,
                     "ce": ce_value,
                     "align": align_value,
+                    "kl": kl_value,
                     "lr": optimizer.param_groups[0]["lr"],
                 }
                 rows.append(row)
@@ -170,7 +178,7 @@ def train(
                 save_checkpoint(
                     checkpoint_path,
                     {
-                        "shift": shift.state_dict(),
+                        "method": method.checkpoint_state(),
                         "optimizer": optimizer.state_dict(),
                         "scheduler": scheduler.state_dict(),
                         "epoch": epoch + 1,
@@ -179,26 +187,28 @@ def train(
                         "identity": identity,
                     },
                 )
-
-    provenance = {
-        "params": {"train": vars(tr), "extract": vars(ex)},
-        "cache": str(cache) if cache else "online",
-    }
-    provenance = json.loads(json.dumps(provenance, default=str))
-    summary = training_summary(rows, epoch_seconds)
+        method.train_mode(False)
+        provenance = {
+            "params": {"train": vars(tr), "method": config.to_dict(), "extract": vars(ex)},
+            "cache": str(cache) if cache else "online",
+        }
+        provenance = json.loads(json.dumps(provenance, default=str))
+        summary = training_summary(rows, epoch_seconds)
+        summary["parameters"] = method.num_parameters()
+        if here.main:  # while attached: LoRA's tensors are read from the model
+            save_method(method, run_dir / "method", view, provenance, params.prompt, base_weights)
     if not here.main:
         return summary
-    save_shift(shift, run_dir / "shift", view, provenance=provenance, prompt=params.prompt)
-    if summary["last_align"] > summary["first_align"]:
+    if config.align_weight > 0 and summary["last_align"] > summary["first_align"]:
         log.warning(
-            "the alignment loss rose over training (%.4g in the first epoch, %.4g in the last): lower train.lr",
+            "the alignment loss rose over training (%.4g in the first epoch, %.4g in the last): lower the lr",
             summary["first_align"],
             summary["last_align"],
         )
     write_log(run_dir / "train_log.tsv", rows)
     training_curves(rows, run_dir / "train_curves.png", title=f"{run_dir.name}: loss per step")
-    # DVC metrics: the two losses a comparison needs (few keys: `dvc exp show` stays narrow); the rest beside it
-    metrics = {"align": summary["last_align"], "ce": summary["last_ce"]}
+    # DVC metrics: the losses a comparison needs (few keys: `dvc exp show` stays narrow); the rest beside it
+    metrics = {"align": summary["last_align"], "ce": summary["last_ce"], "kl": summary["last_kl"]}
     write_text_atomic(run_dir / "train_info.json", json.dumps(summary, indent=2, sort_keys=True))
     write_text_atomic(run_dir / "train_summary.json", json.dumps(metrics, indent=2, sort_keys=True))
     return summary
@@ -213,10 +223,14 @@ def training_summary(rows: list[dict], epoch_seconds: list[float]) -> dict:
 
     first, last = rows[0]["epoch"], rows[-1]["epoch"]
     return {
+        "first_loss": mean("loss", first),
+        "last_loss": mean("loss", last),
         "first_align": mean("align", first),  # mean over the first epoch
         "last_align": mean("align", last),  # mean over the last epoch
         "first_ce": mean("ce", first),
         "last_ce": mean("ce", last),
+        "first_kl": mean("kl", first),
+        "last_kl": mean("kl", last),
         "steps": len(rows),
         "seconds_per_epoch": sum(epoch_seconds) / len(epoch_seconds),  # the training loop, as measured
     }

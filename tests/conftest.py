@@ -184,6 +184,7 @@ SMALL = [
     "data.n_support=40",
     "data.n_train=24",
     "data.n_eval=24",
+    "data.n_val=0",
     "extract.batch_size=8",
     "train.epochs=2",
     "train.batch_size=8",

@@ -14,13 +14,22 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_shipped_params_parse():
+    from pipeline.methods import TRAINED, method_configs
+
     params = load_params(ROOT / "params.yaml")
-    assert params.model.name == "embedded" and params.extract.k > 0 and params.train.lr > 0
+    assert params.model.name == "embedded" and params.extract.k > 0 and params.methods["mimic"]["lr"] > 0
+    configs = method_configs(params.methods)  # every method's section, by its own config class
+    assert set(configs) == set(TRAINED) and set(params.trained) <= set(configs)
+    assert configs["lora"].r == 16 and configs["live"].kl_weight > 0 and configs["hificl"].align_weight == 0
 
 
 def test_overrides_by_name_and_types(tmp_path):
-    params = load_params(ROOT / "params.yaml", ["train.lr=0.5", "extract.layers=[0, 2]", "train.epochs=3"])
-    assert params.train.lr == 0.5 and params.extract.layers == [0, 2] and params.train.epochs == 3
+    params = load_params(
+        ROOT / "params.yaml", ["methods.mimic.lr=0.5", "extract.layers=[0, 2]", "train.epochs=3"]
+    )
+    assert (
+        params.methods["mimic"]["lr"] == 0.5 and params.extract.layers == [0, 2] and params.train.epochs == 3
+    )
     with pytest.raises(MimicError, match="has no field 'train.lrr'"):
         load_params(ROOT / "params.yaml", ["train.lrr=1"])
     with pytest.raises(MimicError, match=r"train.epochs must be int, got 'many'"):
@@ -29,15 +38,24 @@ def test_overrides_by_name_and_types(tmp_path):
 
 def test_unknown_and_missing_keys_listed_together(tmp_path):
     raw = yaml.safe_load((ROOT / "params.yaml").read_text())
-    raw["train"]["learning_rate"] = raw["train"].pop("lr")
+    raw["train"]["n_epochs"] = raw["train"].pop("epochs")
     raw["train"]["momentum"] = 0.9
     path = tmp_path / "params.yaml"
     path.write_text(yaml.safe_dump(raw))
     with pytest.raises(MimicError) as err:
         load_params(path)
     message = str(err.value)
-    assert "unknown keys ['learning_rate', 'momentum']" in message and "missing keys ['lr']" in message
+    assert "unknown keys ['momentum', 'n_epochs']" in message and "missing keys ['epochs']" in message
     assert "\n" not in message
+    from pipeline.methods import method_configs
+
+    raw = yaml.safe_load((ROOT / "params.yaml").read_text())
+    raw["methods"]["lora"]["rank"] = raw["methods"]["lora"].pop("r")
+    with pytest.raises(MimicError, match=r"methods.lora: unknown keys \['rank'\]; missing keys \['r'\]"):
+        method_configs(raw["methods"])
+    raw["methods"]["bogus"] = {}
+    with pytest.raises(MimicError, match="methods: unknown \\['bogus'\\]"):
+        method_configs(raw["methods"])
 
 
 def test_missing_params_file(tmp_path):
@@ -59,8 +77,8 @@ def test_the_readme_real_checkpoint_example_parses(tmp_path):
 
 
 def test_config_choices_match_the_modules_that_use_them():
-    from pipeline import config, families, models, shift
+    from pipeline import config, families, methods, models
     from pipeline.cache import codecs as cache_codecs
 
     assert config.SITES == families.SITES and config.CODECS == cache_codecs.CODECS
-    assert config.VARIANTS == shift.VARIANTS and set(config.DTYPES) == set(models.DTYPES)
+    assert config.PROMPT_METHODS == methods.PROMPT_METHODS and set(config.DTYPES) == set(models.DTYPES)

@@ -22,7 +22,7 @@ from pipeline.data import Item
 from pipeline.evaluation import generate_answers, newline_tokens
 from pipeline.families import ModelView
 from pipeline.prompts import PromptBuilder, PromptTemplate
-from pipeline.shift import MimicShift, attach, spec_for
+from pipeline.methods.mimic import MimicShift, attach, spec_for
 from pipeline.teacher import forward_inputs, model_inputs
 
 TEMPLATE = PromptTemplate()

@@ -8,7 +8,7 @@ from conftest import build_tiny, left_padded_batch
 
 from pipeline.errors import MimicError
 from pipeline.families import ModelView
-from pipeline.shift import MimicShift, attach, spec_for
+from pipeline.methods.mimic import MimicShift, attach, spec_for
 from pipeline.sites import record_sites
 
 

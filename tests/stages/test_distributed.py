@@ -15,8 +15,8 @@ from conftest import ROOT, cli
 from real_checkpoints import save_tiny_checkpoint, write_vqa_fixture
 
 from pipeline.models import load_model
-from pipeline.shift import MimicShift, spec_for
-from pipeline.shift_io import save_shift
+from pipeline.methods.mimic import MimicShift, spec_for
+from pipeline.methods.io import save_method
 
 BIN = Path(sys.executable).parent
 
@@ -27,7 +27,7 @@ def test_two_process_evaluate_equals_one_process(tmp_path):
     params["model"]["name"] = str(checkpoint)
     train = write_vqa_fixture(tmp_path / "data", 18, "train2014")
     held_out = write_vqa_fixture(tmp_path / "data", 9, "val2014", seed=1)
-    params["data"].update(train=train, eval=held_out, n_support=12, n_train=2, n_eval=9)
+    params["data"].update(train=train, eval=held_out, n_support=12, n_train=2, n_eval=9, n_val=0)
     params["evaluate"].update(k=2, batch_size=3, max_new_tokens=3, repeats=1)  # each rank's chunks as one's
     path = tmp_path / "params.yaml"
     path.write_text(yaml.safe_dump(params))
@@ -35,10 +35,10 @@ def test_two_process_evaluate_equals_one_process(tmp_path):
     shift = MimicShift(spec_for(loaded.view), torch.Generator().manual_seed(0))
     with torch.no_grad():
         shift.v.normal_(0, 1.0, generator=torch.Generator().manual_seed(1))  # a shift that changes answers
-    save_shift(shift, tmp_path / "shift", loaded.view, prompt=params["prompt"])
+    save_method(shift, tmp_path / "mimic" / "method", loaded.view, prompt=params["prompt"])
 
     def evaluate(out: Path, *launcher: str) -> subprocess.CompletedProcess:
-        args = ["evaluate", "--params", path, "--shift", tmp_path / "shift", "--metrics", out / "m.json"]
+        args = ["evaluate", "--params", path, "--run-dir", tmp_path / "mimic", "--metrics", out / "m.json"]
         args += ["--predictions", out / "p.jsonl", "--results", out / "results"]
         if not launcher:
             return cli(*args, check=True)
@@ -68,7 +68,7 @@ def test_two_process_evaluate_equals_one_process(tmp_path):
 def test_two_process_training_equals_one_process(tmp_path):
     from conftest import overrides
 
-    from pipeline.shift_io import load_shift
+    from pipeline.methods.io import load_method
     from stages.extract import extract
 
     small = [o for o in overrides("train.epochs=2", "train.batch_size=8", "train.grad_accum=2")[1::2]]
@@ -88,13 +88,13 @@ def test_two_process_training_equals_one_process(tmp_path):
     command = [*launcher, *map(str, args), "--run-dir", str(tmp_path / "two")]
     result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
-    one, two = load_shift(tmp_path / "one" / "shift"), load_shift(tmp_path / "two" / "shift")
+    one, two = load_method(tmp_path / "one" / "method"), load_method(tmp_path / "two" / "method")
     for name, p in one.named_parameters():
         assert (p - getattr(two, name)).abs().max() <= 1e-5, name
-    assert not torch.equal(one.v, load_shift(tmp_path / "one" / "shift").v * 0)
+    assert not torch.equal(one.v, load_method(tmp_path / "one" / "method").v * 0)
     logs = [(tmp_path / run / "train_log.tsv").read_text().splitlines()[1:] for run in ("one", "two")]
     for a, b in zip(*logs):  # the logged losses are the whole batch's, summed over the ranks' shares
         assert all(
             abs(float(x) - float(y)) <= 1e-5 * max(1.0, abs(float(x))) for x, y in zip(a.split(), b.split())
         )
-    assert result.stdout.count("alignment loss") == 1  # rank 0 reports
+    assert result.stdout.count(" parameters, loss ") == 1  # rank 0 reports

@@ -49,7 +49,9 @@ def dvc(*args, cwd: Path, check: bool = True) -> subprocess.CompletedProcess:
 
 def write_params(path: Path, *extra: str) -> None:
     raw = yaml.safe_load((ROOT / "params.yaml").read_text())
-    path.write_text(yaml.safe_dump(apply_overrides(raw, [*SMALL, "train.epochs=1", *extra], "params.yaml")))
+    # two of the trained methods: enough to show one train stage per method, each from the one cache
+    settings = [*SMALL, "train.epochs=1", "trained=[mimic, live]", *extra]
+    path.write_text(yaml.safe_dump(apply_overrides(raw, settings, "params.yaml")))
 
 
 def project(tmp_path: Path, *extra: str, git: bool = False) -> Path:
@@ -81,6 +83,7 @@ def changed_stages(root: Path) -> set[str]:
 
 def test_stage_dependencies_are_exactly_the_files_each_recipe_imports():
     stages = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
+    stages["train"] = stages["train"]["do"]  # foreach: one stage per method
     for stage, module in STAGES.items():
         listed = {d for d in stages[stage]["deps"] if d.endswith(".py")}
         assert listed == set(stage_sources(module)), f"{stage}: run `python -m pipeline.sources dvc.yaml`"
@@ -113,17 +116,19 @@ def test_repro_reuses_what_did_not_change_by_parameters_and_by_code(tmp_path):
     store = root / "cache" / "teacher.zarr"
     stamp = {p: p.stat().st_mtime_ns for p in store.rglob("*") if p.is_file()}
 
-    write_params(root / "params.yaml", "train.lr=0.01")
+    write_params(root / "params.yaml", "methods.mimic.lr=0.01")
     second = dvc("repro", cwd=root)
     assert "Running stage 'extract'" not in second.stdout
-    assert "Running stage 'train'" in second.stdout and "Running stage 'evaluate'" in second.stdout
+    assert "Running stage 'train@mimic'" in second.stdout and "Running stage 'evaluate'" in second.stdout
+    assert "Running stage 'train@live'" not in second.stdout  # one method's parameters: that method only
     assert stamp == {p: p.stat().st_mtime_ns for p in store.rglob("*") if p.is_file()}
 
     for edited, expected in (
         ("pipeline/metrics/vqa.py", {"evaluate"}),  # evaluation-only code
         ("pipeline/evaluation.py", {"evaluate"}),
-        ("pipeline/training.py", {"train"}),  # training-only code: the teacher cache stays valid
-        ("pipeline/prompts.py", {"extract", "train", "evaluate"}),
+        ("pipeline/training.py", {"train@mimic", "train@live"}),  # training-only code: the cache stays valid
+        ("pipeline/methods/hificl.py", {"train@mimic", "train@live", "evaluate"}),
+        ("pipeline/prompts.py", {"extract", "train@mimic", "train@live", "evaluate"}),
     ):
         path = root / edited
         original = path.read_text()
@@ -134,8 +139,8 @@ def test_repro_reuses_what_did_not_change_by_parameters_and_by_code(tmp_path):
 
     shown = json.loads(dvc("metrics", "show", "--json", cwd=root).stdout)
     metrics = next(iter(shown.values()))["data"]["metrics/evaluate.json"]["data"]
-    assert {"zero_shot", "icl", "mimic"} == set(metrics["score"])
-    assert all(0 <= metrics["score"][m] <= 100 for m in ("zero_shot", "icl", "mimic"))
+    assert {"zero_shot", "icl", "mimic", "live"} == set(metrics["score"])
+    assert all(0 <= metrics["score"][m] <= 100 for m in ("zero_shot", "icl", "mimic", "live"))
 
 
 def test_a_killed_repro_resumes_training_and_a_rerun_keeps_its_figures(tmp_path):
@@ -163,13 +168,13 @@ def test_a_killed_repro_resumes_training_and_a_rerun_keeps_its_figures(tmp_path)
         [sys.executable, "-m", "stages.cli", "train", "--params", cli_params, "--cache", root / "cache" / "teacher.zarr",
          "--run-dir", tmp_path / "straight"], cwd=ROOT, check=True, capture_output=True,
     )  # fmt: skip
-    from pipeline.shift_io import load_shift
+    from pipeline.methods.io import load_method
 
-    a, b = load_shift(root / "runs" / "mimic" / "shift"), load_shift(tmp_path / "straight" / "shift")
+    a, b = load_method(root / "runs" / "mimic" / "method"), load_method(tmp_path / "straight" / "method")
     assert all(torch.allclose(p, getattr(b, n), atol=1e-7) for n, p in a.named_parameters())
 
     info = (root / "runs" / "mimic" / "train_info.json").read_text()
-    dvc("repro", "--force", "train", cwd=root)  # a finished run again: outputs rewritten, figures kept
+    dvc("repro", "--force", "train@mimic", cwd=root)  # a finished run again: outputs rewritten, figures kept
     assert (root / "runs" / "mimic" / "train_info.json").read_text() == info
 
 
@@ -177,7 +182,7 @@ def test_experiments_keep_their_metrics_and_plots(tmp_path):
     root = project(tmp_path, git=True)
     dvc("repro", cwd=root)
     commit(root, "baseline")
-    dvc("exp", "run", "-S", "train.lr=0.01", "-n", "lower-lr", cwd=root)
+    dvc("exp", "run", "-S", "methods.mimic.lr=0.01", "-n", "lower-lr", cwd=root)
     shown = json.loads(dvc("exp", "show", "--json", cwd=root).stdout)
     runs = [shown[0]] + [e for entry in shown for e in (entry.get("experiments") or [])]
     names = []
@@ -189,7 +194,12 @@ def test_experiments_keep_their_metrics_and_plots(tmp_path):
             names.append(revision.get("name") or data.get("rev"))
             metrics = data["metrics"]
             assert metrics["runs/mimic/train_summary.json"]["data"]["align"] > 0, revision
-            assert set(metrics["metrics/evaluate.json"]["data"]["score"]) == {"zero_shot", "icl", "mimic"}
+            assert set(metrics["metrics/evaluate.json"]["data"]["score"]) == {
+                "zero_shot",
+                "icl",
+                "mimic",
+                "live",
+            }
     assert "lower-lr" in names
 
     # the README's narrow view: the changed parameter and every method's score, within 120 columns
@@ -198,7 +208,7 @@ def test_experiments_keep_their_metrics_and_plots(tmp_path):
     table = dvc(*[c.strip("'") for c in command[1:]], cwd=root).stdout
     widest = max(len(line.rstrip()) for line in table.splitlines())
     assert widest <= 120, table
-    assert "train.lr" in table and "score.mimic" in table and "score.zero_shot" in table
+    assert "methods.mimic.lr" in table and "score.mimic" in table and "score.zero_shot" in table
 
     assert dvc("metrics", "diff", "HEAD", cwd=root).returncode == 0
     plots = json.loads(dvc("plots", "diff", "HEAD", "lower-lr", "--json", cwd=root).stdout)["data"]

@@ -9,8 +9,8 @@ from conftest import ROOT, SMALL, build_tiny, cli, overrides
 
 from pipeline.families import ModelView
 from pipeline.metrics import exact_match
-from pipeline.shift import MimicShift, spec_for
-from pipeline.shift_io import save_shift
+from pipeline.methods.mimic import MimicShift, spec_for
+from pipeline.methods.io import save_method
 from stages.extract import extract
 from stages.train import train
 
@@ -21,7 +21,7 @@ PARAMS = ROOT / "params.yaml"
 def run(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("evaluate")
     extract(PARAMS, tmp / "teacher.zarr", SMALL)
-    train(PARAMS, tmp / "teacher.zarr", tmp / "run", SMALL)
+    train(PARAMS, tmp / "teacher.zarr", tmp / "mimic", SMALL)
     return tmp
 
 
@@ -29,8 +29,8 @@ def test_three_methods_scored_with_the_shared_metric(run):
     metrics, predictions, results = run / "metrics.json", run / "predictions.jsonl", run / "results"
     result = cli(
         "evaluate",
-        "--shift",
-        run / "run" / "shift",
+        "--run-dir",
+        run / "mimic",
         "--metrics",
         metrics,
         "--predictions",
@@ -49,7 +49,7 @@ def test_three_methods_scored_with_the_shared_metric(run):
     }  # few DVC columns
     about = report["about"]
     assert about.startswith("exact_match of embedded on kind=embedded, task=color") and "queries=24" in about
-    assert about.endswith(f"shift {run / 'run' / 'shift'}")
+    assert about.endswith(f"runs {run / 'mimic'}")
     assert (
         latency["model"] == "embedded" and latency["data"]["queries"] == 24 and latency["data"]["seed"] == 0
     )
@@ -84,9 +84,11 @@ def test_interleaved_generation_equals_one_method_at_a_time(run, tmp_path):
     both = json.loads((run / "predictions.jsonl").read_text().splitlines()[0])
     for method in ("icl", "mimic"):
         predictions = tmp_path / f"{method}.jsonl"
+        alone = ["--run-dir", run / "mimic"] if method == "mimic" else []
         cli(
-            "evaluate", "--shift", run / "run" / "shift", "--metrics", tmp_path / f"{method}.json",
-            "--predictions", predictions, *overrides(f"evaluate.methods=[{method}]", "evaluate.batch_size=5"),
+            "evaluate", *alone, "--metrics", tmp_path / f"{method}.json", "--predictions", predictions,
+            *overrides(f"evaluate.methods=[{method}]" if method == "icl" else "evaluate.methods=[]",
+                       "evaluate.batch_size=5"),
             check=True,
         )  # fmt: skip
         alone = json.loads(predictions.read_text().splitlines()[0])
@@ -99,10 +101,10 @@ def test_shift_of_other_weights_or_prompt_is_refused_unless_allowed(run, tmp_pat
     other = tmp_path / "sibling"  # same architecture, other weights: an instruct sibling
     build_model(seed=123).save_pretrained(other)
     build_processor().save_pretrained(other)
-    shift = run / "run" / "shift"
+    shift = run / "mimic"
     args = [
         "evaluate",
-        "--shift",
+        "--run-dir",
         shift,
         "--metrics",
         tmp_path / "m.json",
@@ -116,21 +118,21 @@ def test_shift_of_other_weights_or_prompt_is_refused_unless_allowed(run, tmp_pat
     result = cli(*args, *overrides("prompt='{image}Q: {question} A: {answer}\n'"))
     line = result.stderr.strip().splitlines()[-1]
     assert result.returncode == 2 and "trained with the prompt" in line and "Q: {question}" in line
-    cli(
-        *args, "--allow-other-base", *overrides(f"model.name={other}", "evaluate.methods=[mimic]"), check=True
-    )
+    cli(*args, "--allow-other-base", *overrides(f"model.name={other}", "evaluate.methods=[]"), check=True)
     assert (tmp_path / "m.json").exists()
 
 
 def test_missing_run_directory_is_one_line(tmp_path):
-    result = cli("evaluate", "--shift", tmp_path / "nowhere", "--metrics", tmp_path / "m.json", *overrides())
+    result = cli(
+        "evaluate", "--run-dir", tmp_path / "nowhere", "--metrics", tmp_path / "m.json", *overrides()
+    )
     assert result.returncode == 2
-    assert result.stderr.strip().splitlines()[-1].startswith("mimic: error: run directory not found")
+    assert result.stderr.strip().splitlines()[-1].startswith("mimic: error: no trained method in")
     assert not (tmp_path / "m.json").exists()
 
 
 def test_shift_of_another_model_is_refused(tmp_path):
     other = build_tiny("idefics2")
-    save_shift(MimicShift(spec_for(ModelView(other))), tmp_path / "shift", ModelView(other))
-    result = cli("evaluate", "--shift", tmp_path / "shift", "--metrics", tmp_path / "m.json", *overrides())
+    save_method(MimicShift(spec_for(ModelView(other))), tmp_path / "method", ModelView(other))
+    result = cli("evaluate", "--run-dir", tmp_path, "--metrics", tmp_path / "m.json", *overrides())
     assert result.returncode == 2 and "trained for idefics2" in result.stderr.strip().splitlines()[-1]

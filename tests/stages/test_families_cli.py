@@ -24,7 +24,7 @@ def params_for(tmp_path, checkpoint, data, positions: str) -> str:
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
     train, evaluation = data
     params["model"]["name"] = str(checkpoint)
-    params["data"].update(train=train, eval=evaluation, n_support=12, n_train=8, n_eval=6)
+    params["data"].update(train=train, eval=evaluation, n_support=12, n_train=8, n_eval=6, n_val=0)
     params["extract"].update(k=2, batch_size=4, positions=positions)
     params["train"].update(epochs=1, batch_size=4)
     params["evaluate"].update(k=2, batch_size=3, max_new_tokens=3)
@@ -38,20 +38,20 @@ def test_extract_train_evaluate_end_to_end(name, data, tmp_path):
     checkpoint = save_tiny_checkpoint(name, tmp_path / name)
     positions = "text" if name in ("llava", "qwen2_vl") else "all"  # both choices, on both tokenizer kinds
     params = params_for(tmp_path, checkpoint, data, positions)
-    store, run = tmp_path / "teacher.zarr", tmp_path / "run"
+    store, run = tmp_path / "teacher.zarr", tmp_path / "mimic"
     cli("extract", "--params", params, "--out", store, check=True)
     reader = CacheReader.open(store)
     assert len(reader) == 8 and reader.fingerprint["positions"] == positions
     if positions == "text":  # no image positions left: each sample holds only its text and answer tokens
         assert max(reader.token_counts) < 30 and min(reader.token_counts) >= reader.answer_counts[0]
     cli("train", "--params", params, "--cache", store, "--run-dir", run, check=True)
-    assert (run / "shift" / "shift_config.json").is_file()
+    assert (run / "method" / "method_config.json").is_file()
     metrics, predictions, results = (
         tmp_path / "metrics.json",
         tmp_path / "predictions.jsonl",
         tmp_path / "results",
     )
-    evaluate = ["evaluate", "--params", params, "--shift", run / "shift", "--metrics", metrics]
+    evaluate = ["evaluate", "--params", params, "--run-dir", run, "--metrics", metrics]
     result = cli(*evaluate, "--predictions", predictions, "--results", results, check=True)
     report = json.loads(metrics.read_text())
     latency = json.loads((tmp_path / "metrics_latency.json").read_text())

@@ -12,7 +12,7 @@ from pipeline.config import load_params
 from pipeline.models import load_model
 from pipeline.prompts import PromptBuilder
 from pipeline.samples import student_batch, training_samples
-from pipeline.shift import MimicShift, attach, spec_for
+from pipeline.methods.mimic import MimicShift, attach, spec_for
 from pipeline.splits import make_splits
 from pipeline.teacher import forward_query_states
 from pipeline.training import epoch_batches
@@ -66,7 +66,7 @@ def test_training_aligns_exactly_the_kept_positions(stores, setup, tmp_path):
     logged = float((tmp_path / "run" / "train_log.tsv").read_text().splitlines()[1].split("\t")[4])
     # the first step by hand: the initial shift, the first batch, the student states at text positions only
     view = loaded.view
-    shift = MimicShift(spec_for(view, tr.variant), torch.Generator().manual_seed(tr.seed))
+    shift = MimicShift(spec_for(view), torch.Generator().manual_seed(tr.seed))
     first = epoch_batches(samples, 0, tr.batch_size, tr.seed)[0]
     batch, lengths = student_batch(builder, samples, first)
     layers = list(range(view.geometry.num_layers))

@@ -14,12 +14,12 @@ from conftest import ROOT, SMALL, cli, overrides
 
 from pipeline.config import load_params
 from pipeline.models import load_model
-from pipeline.shift_io import load_shift
+from pipeline.methods.io import load_method
 from stages.extract import extract
 from stages.train import train
 
 PARAMS = ROOT / "params.yaml"
-TRAIN = [*SMALL, "train.epochs=6", "train.batch_size=4", "train.lr=0.1"]
+TRAIN = [*SMALL, "train.epochs=6", "train.batch_size=4", "methods.mimic.lr=0.1"]
 
 
 @pytest.fixture(scope="module")
@@ -39,7 +39,7 @@ def test_alignment_loss_halves_and_base_weights_stay(store, tmp_path):
     assert all(torch.equal(before[k], after[k]) for k in before)
     rows = (tmp_path / "run" / "train_log.tsv").read_text().splitlines()
     assert (
-        rows[0].split("\t") == ["step", "epoch", "loss", "ce", "align", "lr"]
+        rows[0].split("\t") == ["step", "epoch", "loss", "ce", "align", "kl", "lr"]
         and len(rows) == 1 + summary["steps"]
     )
 
@@ -47,11 +47,11 @@ def test_alignment_loss_halves_and_base_weights_stay(store, tmp_path):
 def test_cache_and_online_reference_give_the_same_shift(store, tmp_path):
     train(PARAMS, store, tmp_path / "cache", SMALL)
     train(PARAMS, None, tmp_path / "online", SMALL)
-    a, b = load_shift(tmp_path / "cache" / "shift"), load_shift(tmp_path / "online" / "shift")
+    a, b = load_method(tmp_path / "cache" / "method"), load_method(tmp_path / "online" / "method")
     for name, p in a.named_parameters():
         q = getattr(b, name)
         assert torch.allclose(p, q, rtol=1e-4, atol=1e-6), name
-    assert not torch.equal(a.v, load_shift(tmp_path / "cache" / "shift").v * 0)  # trained, not zero
+    assert not torch.equal(a.v, load_method(tmp_path / "cache" / "method").v * 0)  # trained, not zero
 
 
 def test_killed_run_resumes_to_the_same_shift(store, tmp_path):
@@ -66,10 +66,10 @@ def test_killed_run_resumes_to_the_same_shift(store, tmp_path):
         time.sleep(0.05)
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
-    assert not (resumed / "shift").exists()
+    assert not (resumed / "method").exists()
     assert torch.load(resumed / "checkpoint.pt", weights_only=True)["epoch"] < 3
     cli(*args, "--run-dir", resumed, check=True)
-    a, b = load_shift(full / "shift"), load_shift(resumed / "shift")
+    a, b = load_method(full / "method"), load_method(resumed / "method")
     assert all(torch.allclose(p, getattr(b, n), atol=1e-7) for n, p in a.named_parameters())
     assert (full / "train_log.tsv").read_text() == (resumed / "train_log.tsv").read_text()
 
@@ -77,8 +77,10 @@ def test_killed_run_resumes_to_the_same_shift(store, tmp_path):
 def test_checkpoint_of_other_parameters_is_refused(store, tmp_path):
     run = tmp_path / "run"
     cli("train", "--cache", store, "--run-dir", run, *overrides("train.epochs=1"), check=True)
-    result = cli("train", "--cache", store, "--run-dir", run, *overrides("train.epochs=1", "train.lr=0.5"))
+    result = cli(
+        "train", "--cache", store, "--run-dir", run, *overrides("train.epochs=1", "methods.mimic.lr=0.5")
+    )
     assert (
         result.returncode == 2
-        and "belongs to another run (its train differ)" in result.stderr.strip().splitlines()[-1]
+        and "belongs to another run (its method differ)" in result.stderr.strip().splitlines()[-1]
     )

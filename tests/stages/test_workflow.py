@@ -28,7 +28,7 @@ def vqa_run(tmp_path_factory):
     held_out = write_vqa_fixture(root / "data", 6, "val2014", seed=1)
     params = yaml.safe_load(PARAMS.read_text())
     params["model"]["name"] = str(checkpoint)
-    params["data"].update(train=data, eval=held_out, n_support=12, n_train=6, n_eval=6)
+    params["data"].update(train=data, eval=held_out, n_support=12, n_train=6, n_eval=6, n_val=0)
     params["extract"].update(k=2, batch_size=4)
     params["train"].update(epochs=1, batch_size=3)
     path = root / "params.yaml"
@@ -91,10 +91,10 @@ def unreadable_weights(tmp_path_factory):
         ("train.batch_size=-2", "train.batch_size=-2: must be at least 1"),
         ("extract.layers=[0, 7]", "the model has 4 decoder layers (0..3)"),
         ("model.device=cuda", "this machine has no cuda device"),
-        ("train.lr=[1", "is not valid YAML"),
-        ("train.lr=fast", "train.lr must be a number, got 'fast'"),
-        ("train.lr=.inf", "lr and clip must be positive"),
-        ("train.variant=bogus", "train.variant='bogus': choose one of mimic"),
+        ("methods.mimic.lr=[1", "is not valid YAML"),
+        ("methods.mimic.lr=fast", "methods.mimic.lr must be a number, got 'fast'"),
+        ("methods.mimic.lr=.inf", "lr=inf: must be positive"),
+        ("train.method=bogus", "train.method / trained name ['bogus']"),
         ("extract.site=bogus", "extract.site='bogus': choose one of attn, mlp, layer"),
         ("train.precision=bf16", "train.precision=bf16 needs a GPU"),
         ("extract.k=500", "extract.k=500 demonstrations, but data.n_support=40"),
@@ -123,12 +123,19 @@ def test_yaml_floats_and_nested_overrides_are_accepted(tmp_path):
     from pipeline.config import load_params
 
     raw = yaml.safe_load(PARAMS.read_text())
-    raw["train"]["lr"] = "1e-3"  # what PyYAML makes of `lr: 1e-3`
+    raw["methods"]["mimic"]["lr"] = "1e-3"  # what PyYAML makes of `lr: 1e-3`
     path = tmp_path / "params.yaml"
     path.write_text(yaml.safe_dump(raw))
-    assert load_params(path).train.lr == 1e-3
-    params = load_params(path, ["train.lr=5E-4", "data.train.questions_json=/data/q.json", "data.train.n=8"])
-    assert params.train.lr == 5e-4 and params.data.train["questions_json"] == "/data/q.json"
+    from pipeline.methods import method_configs
+
+    assert method_configs(load_params(path).methods)["mimic"].lr == 1e-3
+    params = load_params(
+        path, ["methods.mimic.lr=5E-4", "data.train.questions_json=/data/q.json", "data.train.n=8"]
+    )
+    assert (
+        method_configs(params.methods)["mimic"].lr == 5e-4
+        and params.data.train["questions_json"] == "/data/q.json"
+    )
     assert params.data.train["n"] == 8
 
 
@@ -222,11 +229,11 @@ def test_rising_alignment_loss_is_reported(tmp_path):
         store,
         "--run-dir",
         tmp_path / "run",
-        *overrides("train.lr=100", "train.warmup=0.6", "train.epochs=3"),
+        *overrides("methods.mimic.lr=100", "train.warmup=0.6", "train.epochs=3"),
     )
     assert result.returncode == 0
     info = json.loads((tmp_path / "run" / "train_info.json").read_text())
     assert info["last_align"] > info["first_align"]
     assert "the alignment loss rose over training" in result.stderr
-    assert re.search(r"train: 100%\|[^|]*\| 9/9 ", result.stderr)  # one bar over all epochs: a total ETA
+    assert re.search(r"mimic: 100%\|[^|]*\| 9/9 ", result.stderr)  # one bar over all epochs: a total ETA
     assert (tmp_path / "run" / "train_curves.png").read_bytes()[:4] == b"\x89PNG"
