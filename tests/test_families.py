@@ -21,8 +21,8 @@ from real_checkpoints import (
 from pipeline.data import Item
 from pipeline.evaluation import generate_answers, newline_tokens
 from pipeline.families import ModelView
-from pipeline.prompts import PromptBuilder, PromptTemplate
 from pipeline.methods.mimic import MimicShift, attach, spec_for
+from pipeline.prompts import PromptBuilder, PromptTemplate
 from pipeline.teacher import forward_inputs, model_inputs
 
 TEMPLATE = PromptTemplate()

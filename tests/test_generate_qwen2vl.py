@@ -18,8 +18,8 @@ from test_prompts_qwen2vl import image, tiny_qwen2vl_processor
 from pipeline.data import Item
 from pipeline.evaluation import generate_answers
 from pipeline.families import ModelView
-from pipeline.prompts import PromptBuilder, PromptTemplate, Segment, collate
 from pipeline.methods.mimic import MimicShift, attach, spec_for
+from pipeline.prompts import PromptBuilder, PromptTemplate, Segment, collate
 
 NEW = 5  # max_new_tokens
 # Images of different shapes (and questions of different lengths): prompts of different lengths, i.e. left padding.

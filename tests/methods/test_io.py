@@ -10,10 +10,10 @@ from conftest import build_tiny, left_padded_batch
 
 from pipeline.errors import MimicError
 from pipeline.families import ModelView, family_for
-from pipeline.models import config_fingerprint, load_model
-from pipeline.methods.mimic import MimicShift, attach, spec_for
 from pipeline.methods import TRAINED, build_method
 from pipeline.methods.io import CONFIG, WEIGHTS, load_method, save_method
+from pipeline.methods.mimic import MimicShift, attach, spec_for
+from pipeline.models import config_fingerprint, load_model
 
 
 @pytest.mark.parametrize("name", ["mimic", "head_sharing_mu", "query_sharing_mu", "live", "hificl"])

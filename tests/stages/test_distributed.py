@@ -14,9 +14,9 @@ import yaml
 from conftest import ROOT, cli
 from real_checkpoints import save_tiny_checkpoint, write_vqa_fixture
 
-from pipeline.models import load_model
-from pipeline.methods.mimic import MimicShift, spec_for
 from pipeline.methods.io import save_method
+from pipeline.methods.mimic import MimicShift, spec_for
+from pipeline.models import load_model
 
 BIN = Path(sys.executable).parent
 

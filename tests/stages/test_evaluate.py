@@ -8,9 +8,9 @@ import pytest
 from conftest import ROOT, SMALL, build_tiny, cli, overrides
 
 from pipeline.families import ModelView
-from pipeline.metrics import exact_match
-from pipeline.methods.mimic import MimicShift, spec_for
 from pipeline.methods.io import save_method
+from pipeline.methods.mimic import MimicShift, spec_for
+from pipeline.metrics import exact_match
 from stages.extract import extract
 from stages.train import train
 

@@ -9,10 +9,10 @@ from conftest import ROOT, SMALL
 
 from pipeline.cache.store import CacheReader, store_stats
 from pipeline.config import load_params
+from pipeline.methods.mimic import MimicShift, attach, spec_for
 from pipeline.models import load_model
 from pipeline.prompts import PromptBuilder
 from pipeline.samples import student_batch, training_samples
-from pipeline.methods.mimic import MimicShift, attach, spec_for
 from pipeline.splits import make_splits
 from pipeline.teacher import forward_query_states
 from pipeline.training import epoch_batches

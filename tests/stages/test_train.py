@@ -13,8 +13,8 @@ import torch
 from conftest import ROOT, SMALL, cli, overrides
 
 from pipeline.config import load_params
-from pipeline.models import load_model
 from pipeline.methods.io import load_method
+from pipeline.models import load_model
 from stages.extract import extract
 from stages.train import train
 
