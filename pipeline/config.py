@@ -56,6 +56,9 @@ class DataConfig:
     n_eval: int  # evaluation queries, drawn from `eval`
     n_val: int  # validation queries from `train`, disjoint from the rest: choices of layer or heads (tv, fv)
     seed: int  # picks the support, training and evaluation items
+    rices_encoder: (
+        str | None
+    )  # RICES image embeddings: a local vision encoder directory; null = the model's own
 
     def __post_init__(self):
         _at_least("data", 1, n_support=self.n_support, n_train=self.n_train, n_eval=self.n_eval)
@@ -69,14 +72,17 @@ class ExtractConfig:
     site: str  # recorded site: mlp (the reference), attn or layer
     layers: list[int] | None  # recorded layers; null = all
     codec: str  # lossless (teacher dtype, Blosc zstd + bitshuffle) or int8 (per-token scale)
-    topk: int  # teacher logits kept per answer token (0 = none); for KL baselines
+    topk: int  # teacher log-probabilities kept per answer token (0 = none): LIVE's KL
+    last_token: bool  # also cache each layer's and head's output at the last prompt token: tv, fv
     positions: str  # all | text: text keeps only the query's text and answer tokens (no image tokens)
     chunk_tokens: int  # tokens per store chunk (x layers x hidden); 0 = auto, ~2 MiB; a shard holds 4 chunks
     batch_size: int  # teacher prompts per forward
     seed: int  # ICD sampling seed
+    icd: str  # the teacher's demonstrations: random | rices (the most similar support images)
 
     def __post_init__(self):
         _at_least("extract", 1, k=self.k, m=self.m, batch_size=self.batch_size)
+        _one_of("extract.icd", self.icd, ("random", "rices"))
         _at_least("extract", 0, topk=self.topk, chunk_tokens=self.chunk_tokens)
         if self.layers is not None and (not self.layers or min(self.layers) < 0):
             raise MimicError(f"extract.layers={self.layers!r}: give layer numbers from 0, or null for all")

@@ -27,6 +27,7 @@ class Family:
     image_placeholder: str  # what stands for one image in prompt text; the processor expands it
     attention: str = "self_attn"  # attribute of a decoder layer: its self-attention module
     mlp: str = "mlp"  # attribute of a decoder layer: its MLP
+    output_projection: str = "o_proj"  # attribute of the self-attention module: the heads' output projection
     image_axis: int = 0  # processor image tensors: 0 = one flat list over the batch, 1 = [batch, images, ...]
     # "processor": the processor tokenizes a round's text and expands its placeholders; "tokenizer": the text is
     # tokenized as written (placeholders already expanded) and images go through the image processor alone
@@ -36,6 +37,8 @@ class Family:
     # pass cumsum(attention_mask) - 1 positions, as `generate` does; False where the model derives them from the
     # mask itself (Qwen2-VL's M-RoPE, Idefics v1)
     position_ids: bool = True
+    # where the model has no get_image_features: the vision tower RICES embeds with (pixel_values in)
+    vision_tower: str | None = None
 
 
 FAMILIES: tuple[Family, ...] = (
@@ -50,6 +53,7 @@ FAMILIES: tuple[Family, ...] = (
         encode="tokenizer",
         image_attention_mask=True,
         position_ids=False,
+        vision_tower="model.vision_model",
     ),
     Family("llava", ("llava", "llava_onevision"), "model.language_model.layers", "text_config", "<image>"),
     Family(
@@ -118,6 +122,10 @@ class ModelView:
     def attention_modules(self) -> list[nn.Module]:
         """The text decoder's self-attention module of every layer, in layer order."""
         return [getattr(layer, self.family.attention) for layer in self.layers]
+
+    def output_projection(self, layer: int) -> nn.Module:
+        """The self-attention's output projection of decoder layer `layer`: its input is the heads' outputs."""
+        return getattr(self.attention_modules()[layer], self.family.output_projection)
 
     def site_module(self, layer: int, site: str) -> nn.Module:
         """The module whose output is `site` ("attn", "mlp" or "layer") in decoder layer `layer`."""

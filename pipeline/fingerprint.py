@@ -82,11 +82,13 @@ def teacher_fingerprint(params: Params, loaded: Loaded, splits: Splits, layers: 
         "k": ex.k,
         "m": ex.m,
         "icd_seed": ex.seed,
+        "icd": ex.icd if ex.icd == "random" else f"rices:{params.data.rices_encoder or 'own vision tower'}",
         "prompt": params.prompt,
         "site": ex.site,
         "layers": layers,
         "codec": ex.codec,
         "topk": ex.topk,
+        "last_token": ex.last_token,
         "positions": ex.positions,
         "package_version": __version__,
         "code": sources_hash("stages.extract"),  # the teacher's code, comments and docstrings aside

@@ -49,6 +49,14 @@ def training_curves(rows: list[dict], path: Path, title: str = "training") -> No
     _save(fig, path)
 
 
+def layer_curve(rows: list[dict], path: Path, title: str) -> None:
+    """A fitted method's validation cross-entropy for each candidate layer."""
+    fig, ax = plt.subplots(figsize=(7, 3.6))
+    ax.plot([r["layer"] for r in rows], [r["validation_ce"] for r in rows], marker="o", color=COLOURS["ce"])
+    ax.set(xlabel="decoder layer", ylabel="validation answer CE", title=title)
+    _save(fig, path)
+
+
 def method_scores(scores: dict[str, float], metric: str, path: Path) -> None:
     """One bar per method, its score written on it."""
     fig, ax = plt.subplots(figsize=(1.4 + 1.1 * len(scores), 3.4))

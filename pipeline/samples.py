@@ -41,8 +41,24 @@ class TrainingSamples:
         return list(range(start, start + len(self.queries)))
 
 
-def training_samples(queries: list[Item], support: list[Item], k: int, m: int, seed: int) -> TrainingSamples:
+def training_samples(
+    queries: list[Item], support: list[Item], k: int, m: int, seed: int, nearest=None
+) -> TrainingSamples:
+    """Each query with m ICD sets: seeded random draws, or `nearest(queries, support, k, m)` (RICES)."""
+    if nearest is not None:
+        return TrainingSamples(queries, support, nearest(queries, support, k, m))
     return TrainingSamples(queries, support, sample_icd_sets([q.id for q in queries], support, k, m, seed))
+
+
+def teacher_samples(splits, ex, loaded, rices_encoder: str | None, device: str) -> TrainingSamples:
+    """The teacher's (query, demonstrations) pairs as extract.icd picks them: extract and train use this."""
+    nearest = None
+    if ex.icd == "rices":
+        from pipeline.rices import image_embedder, nearest_sets
+
+        embed = image_embedder(loaded, rices_encoder, device)
+        nearest = lambda q, s, k, m: nearest_sets(q, s, k, m, embed)  # noqa: E731
+    return training_samples(splits.train, splits.support, ex.k, ex.m, ex.seed, nearest)
 
 
 def collate_segments(segments: Sequence[Segment], builder: PromptBuilder) -> dict[str, torch.Tensor]:

@@ -41,3 +41,36 @@ def record_sites(
     finally:
         for handle in handles:
             handle.remove()
+
+
+@contextlib.contextmanager
+def record_last_token(view: ModelView, positions: torch.Tensor) -> Iterator[dict[str, list[torch.Tensor]]]:
+    """Inside the block, a forward fills `{"hidden": [L x [B, hidden]], "heads": [L x [B, heads x head_dim]]}`:
+    every decoder layer's output and its attention heads' outputs (o_proj's input) at position positions[b] of
+    row b only (the task- and function-vector signals), sliced in the hooks so no full sequence is kept."""
+    recorded: dict[str, list] = {"hidden": [None] * len(view.layers), "heads": [None] * len(view.layers)}
+    rows = torch.arange(len(positions))
+    handles = []
+
+    def layer_hook(layer: int):
+        def hook(_module, _args, output):
+            h = _hidden(output)
+            recorded["hidden"][layer] = h[rows.to(h.device), positions.to(h.device)]
+
+        return hook
+
+    def heads_hook(layer: int):
+        def hook(_module, args):
+            x = args[0]
+            recorded["heads"][layer] = x[rows.to(x.device), positions.to(x.device)]
+
+        return hook
+
+    try:
+        for layer, block in enumerate(view.layers):
+            handles.append(block.register_forward_hook(layer_hook(layer)))
+            handles.append(view.output_projection(layer).register_forward_pre_hook(heads_hook(layer)))
+        yield recorded
+    finally:
+        for handle in handles:
+            handle.remove()

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 
 from pipeline.families import ModelView
-from pipeline.sites import record_sites
+from pipeline.sites import record_last_token, record_sites
 
 MODEL_KEYS_SKIP = ("answer_mask",)
 
@@ -40,6 +41,10 @@ class QueryStates:
     states: list[torch.Tensor]
     topk_values: list[torch.Tensor] | None
     topk_indices: list[torch.Tensor] | None
+    last_hidden: torch.Tensor | None = None  # [B, L, hidden]: every layer's output at the last prompt token
+    last_heads: torch.Tensor | None = (
+        None  # [B, L, heads x head_dim]: the heads' outputs (o_proj input) there
+    )
 
 
 def last_tokens(tensor: torch.Tensor, lengths: Sequence[int]) -> list[torch.Tensor]:
@@ -57,6 +62,7 @@ def forward_query_states(
     topk: int = 0,
     all_logits: bool = True,
     kept: Sequence[torch.Tensor] | None = None,
+    last_token: bool = False,
 ) -> tuple[QueryStates, torch.Tensor]:
     """Run the model once, recording `site` in `layers`; returns the gathered states and the logits [B, T, V].
 
@@ -64,12 +70,15 @@ def forward_query_states(
     max(lengths) positions, or on the last position when topk is 0 (transformers' ``logits_to_keep``): the
     [B, T, vocab] logits of k-shot prompts are the teacher's largest activation on real models.
     `kept` ([n_i] bool per row, None = all) selects the recorded positions among each row's last lengths[i].
+    `last_token` also records every layer's output and heads' outputs at the query's last prompt token.
     Gradients flow if enabled by the caller (the student); the teacher calls this under torch.no_grad().
     """
     device = next(model.parameters()).device
     longest = max(lengths)
     keep = 0 if all_logits else (longest if topk else 1)
-    with record_sites(view, site, layers) as recorded:
+    positions = last_prompt_positions(batch["answer_mask"], lengths)
+    last = record_last_token(view, positions) if last_token else contextlib.nullcontext({})
+    with record_sites(view, site, layers) as recorded, last as at_last:
         # use_cache=False: no generation follows, so no per-layer K/V cache is built and kept alive
         logits = model(
             **forward_inputs(view, batch, device), logits_to_keep=keep, use_cache=False
@@ -95,4 +104,19 @@ def forward_query_states(
         top = torch.log_softmax(logits.float(), -1).topk(topk, dim=-1)
         values = [top.values[i][predicting[i]] for i in range(len(lengths))]
         indices = [top.indices[i][predicting[i]] for i in range(len(lengths))]
-    return QueryStates(states, values, indices), logits
+    got = QueryStates(states, values, indices)
+    if last_token:
+        got.last_hidden = torch.stack(at_last["hidden"], 1)  # (B, L, hidden)
+        got.last_heads = torch.stack(at_last["heads"], 1)  # (B, L, heads x head_dim)
+    return got, logits
+
+
+def last_prompt_positions(answer_mask: torch.Tensor, lengths: Sequence[int]) -> torch.Tensor:
+    """[B] index of each row's last prompt token: the one before the query's first answer token (a row's query
+    round is its last lengths[i] positions; its answer tokens are the round's last True of answer_mask)."""
+    t = answer_mask.shape[1]
+    out = []
+    for row, n in enumerate(lengths):
+        answers = answer_mask[row, t - n :].nonzero()
+        out.append(t - n + int(answers[0]) - 1 if len(answers) else t - 1)
+    return torch.tensor(out)

@@ -26,6 +26,7 @@ from pipeline.models import check_model, load_model, weights_fingerprint
 from pipeline.outputs import check_writable, write_text_atomic
 from pipeline.plots import method_scores
 from pipeline.prompts import PromptBuilder
+from pipeline.rices import image_embedder, nearest_sets
 from pipeline.splits import make_splits
 
 log = logging.getLogger(__name__)
@@ -75,8 +76,14 @@ def evaluate(
     builder = PromptBuilder.for_model(loaded, params.prompt)
     queries = splits.eval
     mine = share(len(queries), here)
+    nearest = None
+    if "rices" in labels:  # the same embeddings on every rank: each embeds all queries and the support set
+        embed = image_embedder(loaded, params.data.rices_encoder, device)
+        nearest = nearest_sets(queries, splits.support, ev.k, 1, embed)
     prompts = {
-        label: GenerationPrompts(builder, demonstrations(label, splits, ev, mine), [queries[n] for n in mine])
+        label: GenerationPrompts(
+            builder, demonstrations(label, splits, ev, mine, nearest), [queries[n] for n in mine]
+        )
         for label in labels
     }
     answers, seconds, tokens = merge(gather(interleaved(loaded.model, builder, prompts, trained, ev), here))
@@ -120,9 +127,11 @@ def evaluate(
     return {**report, "latency": latency}
 
 
-def demonstrations(label: str, splits, ev, mine) -> list[list]:
-    """Each of this rank's queries' demonstrations under `label`: k random support items for icl, none for
-    zero-shot and trained methods. The draw is the same on every rank and for every run."""
+def demonstrations(label: str, splits, ev, mine, nearest=None) -> list[list]:
+    """Each of this rank's queries' demonstrations under `label`: k random support items for icl, the k most
+    similar images' items for rices, none for zero-shot and trained methods. The same on every rank."""
+    if label == "rices":
+        return [[splits.support[i] for i in nearest[n][0]] for n in mine]
     if label != "icl":
         return [[] for _ in mine]
     icd = sample_icd_sets([q.id for q in splits.eval], splits.support, ev.k, 1, ev.seed)

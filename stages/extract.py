@@ -23,7 +23,7 @@ from pipeline.fingerprint import teacher_fingerprint
 from pipeline.models import check_model, load_model
 from pipeline.outputs import check_writable
 from pipeline.prompts import PromptBuilder
-from pipeline.samples import kept_positions, teacher_batch, training_samples
+from pipeline.samples import kept_positions, teacher_batch, teacher_samples
 from pipeline.splits import make_splits
 from pipeline.teacher import forward_query_states
 
@@ -39,7 +39,7 @@ def extract(params_path: Path, out: Path, overrides: list[str], replace: bool = 
     check_writable(out, "teacher store", folder=True)
     splits = make_splits(params.data)  # data errors before the model is read
     loaded = load_model(params.model.name, params.model.dtype, params.model.device)
-    samples = training_samples(splits.train, splits.support, ex.k, ex.m, ex.seed)
+    samples = teacher_samples(splits, ex, loaded, params.data.rices_encoder, params.model.device)
     geo = loaded.view.geometry
     layers = list(range(geo.num_layers)) if ex.layers is None else sorted(ex.layers)
     builder = PromptBuilder.for_model(loaded, params.prompt)
@@ -57,6 +57,8 @@ def extract(params_path: Path, out: Path, overrides: list[str], replace: bool = 
         codec=ex.codec,
         topk=ex.topk,
         chunk_tokens=ex.chunk_tokens,
+        last_layers=geo.num_layers if ex.last_token else 0,
+        head_width=geo.num_heads * geo.head_dim if ex.last_token else 0,
     )
     value_bytes = 1 if ex.codec == "int8" else torch.empty(0, dtype=loaded.model.dtype).element_size()
     check_writable(
@@ -83,7 +85,16 @@ def extract(params_path: Path, out: Path, overrides: list[str], replace: bool = 
             batch, lengths = teacher_batch(builder, samples, chunk)
             keep = kept_positions(builder, samples, chunk, ex.positions, image_token)
             got, _ = forward_query_states(
-                loaded.model, loaded.view, batch, lengths, ex.site, layers, ex.topk, False, keep
+                loaded.model,
+                loaded.view,
+                batch,
+                lengths,
+                ex.site,
+                layers,
+                ex.topk,
+                False,
+                keep,
+                ex.last_token,
             )
             writes.submit_many(
                 [
@@ -92,6 +103,7 @@ def extract(params_path: Path, out: Path, overrides: list[str], replace: bool = 
                         got.states[row],
                         got.topk_values[row] if got.topk_values else None,
                         got.topk_indices[row] if got.topk_indices else None,
+                        *((got.last_hidden[row], got.last_heads[row]) if ex.last_token else ()),
                     )
                     for row, j in enumerate(chunk)
                 ]

@@ -25,11 +25,12 @@ from pipeline.errors import MimicError
 from pipeline.fingerprint import teacher_fingerprint
 from pipeline.methods import build_method, method_configs
 from pipeline.methods.io import save_method
+from pipeline.methods.vectors import FitData
 from pipeline.models import Loaded, check_model, load_model, weights_fingerprint
 from pipeline.outputs import check_writable, write_text_atomic
-from pipeline.plots import training_curves
+from pipeline.plots import layer_curve, training_curves
 from pipeline.prompts import PromptBuilder
-from pipeline.samples import batch_counts, training_samples
+from pipeline.samples import batch_counts, teacher_samples
 from pipeline.sources import sources_hash
 from pipeline.splits import make_splits
 from pipeline.training import (
@@ -66,7 +67,7 @@ def train(
     here = world()  # under torchrun: each rank trains on its share of every batch
     device = rank_device(params.model.device, here)
     check_writable(run_dir / "method", "run directory", folder=True)
-    if cache is None and (config.kl_weight > 0 or tr.method in ("lora", "mimic_lora")):
+    if cache is None and (config.kl_weight > 0 or tr.method in ("lora", "mimic_lora", "tv", "fv")):
         raise MimicError(f"--online serves MimIC-style alignment only; {tr.method} trains from the cache")
     if cache is not None:
         CacheReader.open(cache, verify=False)  # exists and complete: fail before loading a large model
@@ -82,9 +83,12 @@ def train(
             raise MimicError(
                 f"{tr.method} needs the teacher's logits: extract with extract.topk > 0 ({cache})"
             )
-    samples = training_samples(splits.train, splits.support, ex.k, ex.m, ex.seed)
+    samples = teacher_samples(splits, ex, loaded, params.data.rices_encoder, params.model.device)
     builder = PromptBuilder.for_model(loaded, params.prompt)
     method = build_method(tr.method, config, view, torch.Generator().manual_seed(tr.seed)).to(device)
+    if method.fitted:  # tv, fv: one pass over the cache, choices on the validation queries
+        data = FitData(model, view, builder, reader, splits.support, splits.val, ex.k, tr.batch_size)
+        return fit_method(method, data, run_dir, params, cache, teacher, replace)
     base_weights = weights_fingerprint(model)  # before LoRA enters the model
     handle = method.attach(model)  # LoRA's tensors exist once attached
     batches_per_epoch = math.ceil(len(splits.train) / tr.batch_size)
@@ -212,6 +216,56 @@ def train(
     write_text_atomic(run_dir / "train_info.json", json.dumps(summary, indent=2, sort_keys=True))
     write_text_atomic(run_dir / "train_summary.json", json.dumps(metrics, indent=2, sort_keys=True))
     return summary
+
+
+def fit_method(
+    method, data: FitData, run_dir: Path, params, cache: Path, teacher: dict, replace: bool
+) -> dict:
+    """A method fitted in one pass (tv, fv): fit, save, and write the outputs a training run writes. A run of
+    the same identity already fitted only rewrites its outputs."""
+    identity = {"train": vars(params.train), "method": method.config.to_dict(), "teacher": teacher}
+    identity = json.loads(
+        json.dumps({**identity, "code": sources_hash("stages.train")}, sort_keys=True, default=str)
+    )
+    checkpoint_path = run_dir / "checkpoint.pt"
+    state = load_checkpoint(checkpoint_path)
+    if state is not None and state.get("identity") != identity and not replace:
+        raise MimicError(
+            f"{checkpoint_path} belongs to another run; use another --run-dir, delete it, or pass --replace"
+        )
+    start = time.perf_counter()
+    if state is not None and state.get("identity") == identity:
+        method.load_checkpoint_state(state["method"])
+        method.layer, method.report, seconds = state["layer"], state["report"], state["seconds"]
+    else:
+        if not data.reader.layout.last_layers:
+            raise MimicError(
+                f"{method.name} reads the last-token signals: extract with extract.last_token: true"
+            )
+        method.fit(data)
+        seconds = time.perf_counter() - start
+        run_dir.mkdir(parents=True, exist_ok=True)
+        save_checkpoint(
+            checkpoint_path,
+            {"method": method.checkpoint_state(), "layer": method.layer, "report": method.report,
+             "seconds": seconds, "identity": identity},
+        )  # fmt: skip
+    report = method.report
+    provenance = json.loads(json.dumps({"params": identity["train"], "cache": str(cache)}, default=str))
+    save_method(method, run_dir / "method", data.view, provenance, params.prompt)
+    rows = [{"layer": int(k), "validation_ce": v} for k, v in report["validation_ce"].items()]
+    lines = ["layer\tvalidation_ce"] + [f"{r['layer']}\t{r['validation_ce']:.6g}" for r in rows]
+    write_text_atomic(run_dir / "train_log.tsv", "\n".join(lines) + "\n")
+    layer_curve(
+        rows, run_dir / "train_curves.png", f"{run_dir.name}: validation CE per layer (chosen {method.layer})"
+    )
+    summary = {**report, "parameters": method.num_parameters(), "seconds": round(seconds, 3), "steps": 0}
+    best = min(r["validation_ce"] for r in rows)
+    write_text_atomic(run_dir / "train_info.json", json.dumps(summary, indent=2, sort_keys=True))
+    write_text_atomic(
+        run_dir / "train_summary.json", json.dumps({"validation_ce": best}, indent=2, sort_keys=True)
+    )
+    return {**summary, "first_loss": max(r["validation_ce"] for r in rows), "last_loss": best}
 
 
 def training_summary(rows: list[dict], epoch_seconds: list[float]) -> dict:

@@ -51,6 +51,10 @@ class Layout:
         4  # chunks per shard file; a sample write rewrites the shard(s) it touches: keep it small
     )
     chunk_answers: int = 1024  # answer rows per chunk of the top-k arrays (small, unsharded)
+    # per sample, at the query's last prompt token of every decoder layer: the layer output (task vectors) and
+    # the attention heads' outputs, o_proj's input (function vectors); 0 = not stored
+    last_layers: int = 0
+    head_width: int = 0  # heads x head_dim: o_proj's input width
 
     def __post_init__(self) -> None:
         problems = []
@@ -61,6 +65,8 @@ class Layout:
                 problems.append(f"{name} must be one of {sorted(TORCH_DTYPES)}, not {getattr(self, name)!r}")
         if self.codec not in CODECS:
             problems.append(f"codec must be one of {list(CODECS)}, not {self.codec!r}")
+        if self.last_layers < 0 or self.head_width < 0 or bool(self.last_layers) != bool(self.head_width):
+            problems.append("last_layers and head_width are both 0 or both >= 1")
         if self.topk < 0 or self.chunk_tokens < 0 or self.shard_chunks < 1 or self.chunk_answers < 1:
             problems.append("topk, chunk_tokens >= 0 and shard_chunks, chunk_answers >= 1")
         if self.codec == "int8" and not 0 <= self.int8_outliers < self.hidden_size:
@@ -81,6 +87,13 @@ class Layout:
         )
         return 1 << (tokens.bit_length() - 1)
 
+    @property
+    def sample_chunk(self) -> int:
+        """Samples per chunk of the last-token arrays: ~CHUNK_TARGET_BYTES of them."""
+        itemsize = np.dtype(STORED_DTYPES[self.dtype]).itemsize
+        width = self.last_layers * max(self.hidden_size, self.head_width) * itemsize
+        return max(1, CHUNK_TARGET_BYTES // max(1, width))
+
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
@@ -97,7 +110,7 @@ class ArraySpec:
     dtype: str  # numpy dtype as stored
     lead: tuple[int, ...]
     tail: tuple[int, ...]
-    axis: str  # "tokens" | "answers"
+    axis: str  # "tokens" | "answers" | "samples" (one row per sample)
 
     def shape(self, n: int) -> tuple[int, ...]:
         return (*self.lead, n, *self.tail)
@@ -131,6 +144,12 @@ def array_specs(layout: Layout) -> list[ArraySpec]:
         specs += [
             ArraySpec("topk_values", STORED_DTYPES[layout.topk_dtype], (), k, "answers"),
             ArraySpec("topk_indices", "int64", (), k, "answers"),
+        ]
+    if layout.last_layers:
+        dtype, n = STORED_DTYPES[layout.dtype], layout.last_layers
+        specs += [
+            ArraySpec("last_hidden", dtype, (), (n, layout.hidden_size), "samples"),
+            ArraySpec("last_heads", dtype, (), (n, layout.head_width), "samples"),
         ]
     return specs
 
@@ -174,7 +193,12 @@ def dequantize_int8(parts: dict[str, np.ndarray], dtype: str) -> torch.Tensor:
 
 
 def encode_sample(
-    layout: Layout, states: torch.Tensor, topk_values: torch.Tensor | None, topk_indices: torch.Tensor | None
+    layout: Layout,
+    states: torch.Tensor,
+    topk_values: torch.Tensor | None,
+    topk_indices: torch.Tensor | None,
+    last_hidden: torch.Tensor | None = None,
+    last_heads: torch.Tensor | None = None,
 ) -> dict[str, np.ndarray]:
     """Stored arrays of one (already validated) sample, keyed by ArraySpec.name."""
     parts = (
@@ -185,7 +209,15 @@ def encode_sample(
     if layout.topk:
         parts["topk_values"] = _to_stored(topk_values)
         parts["topk_indices"] = _to_stored(topk_indices)
+    if layout.last_layers:  # one row each: [1, L, width]
+        parts["last_hidden"] = _to_stored(last_hidden)[None]
+        parts["last_heads"] = _to_stored(last_heads)[None]
     return parts
+
+
+def decode_last(layout: Layout, parts: dict[str, np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]:
+    """last_hidden [n, L, hidden] and last_heads [n, L, heads x head_dim] in layout.dtype."""
+    return _from_stored(parts["last_hidden"], layout.dtype), _from_stored(parts["last_heads"], layout.dtype)
 
 
 def decode_sample(

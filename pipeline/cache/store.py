@@ -30,6 +30,7 @@ from pipeline.cache.codecs import (
     Layout,
     array_specs,
     checksum,
+    decode_last,
     decode_sample,
 )
 from pipeline.errors import MimicError
@@ -90,6 +91,7 @@ class _Store:
         self.fingerprint: dict = attrs["fingerprint"]
         self.complete = bool(attrs["complete"])
         self.offsets = {"tokens": group["token_offsets"][:], "answers": group["answer_offsets"][:]}
+        self.offsets["samples"] = np.arange(len(self.offsets["tokens"]), dtype=np.int64)
         self.specs = array_specs(self.layout)
         # write_empty_chunks: skip zarr's per-chunk "all fill value?" scan; states are never all zero
         self.arrays = {
@@ -120,6 +122,8 @@ def _create(path: Path, fingerprint: dict, layout: Layout, tokens: np.ndarray, a
     for spec in array_specs(layout):
         if spec.axis == "tokens":
             rows, chunk, shard = int(tokens[-1]), layout.token_chunk, layout.token_chunk * layout.shard_chunks
+        elif spec.axis == "samples":
+            rows, chunk, shard = n, min(n, layout.sample_chunk) or 1, None
         else:
             rows, chunk, shard = int(answers[-1]), layout.chunk_answers, None
         group.create_array(
@@ -198,6 +202,16 @@ class CacheReader:
         for group in groups:
             out.update(self._read_group(group))
         return [out[int(i)] for i in indices]
+
+    def read_last(self, start: int, stop: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Samples [start, stop)'s last-prompt-token signals: layer outputs [n, L, hidden] and head outputs
+        [n, L, heads x head_dim] (extract.last_token)."""
+        if not self.layout.last_layers:
+            raise MimicError(
+                f"{self.path} holds no last-token signals: extract with extract.last_token: true"
+            )
+        parts = {name: self._store.arrays[name][start:stop] for name in ("last_hidden", "last_heads")}
+        return decode_last(self.layout, parts)
 
     def _read_group(self, ids: list[int]) -> dict[int, Sample]:
         store, i0, i1 = self._store, ids[0], ids[-1] + 1

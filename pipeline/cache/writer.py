@@ -135,7 +135,13 @@ class CacheWriter:
         return [i for i in range(len(self)) if i not in self.done]
 
     def _check(
-        self, i: int, states: torch.Tensor, values: torch.Tensor | None, indices: torch.Tensor | None
+        self,
+        i: int,
+        states: torch.Tensor,
+        values: torch.Tensor | None,
+        indices: torch.Tensor | None,
+        last_hidden: torch.Tensor | None = None,
+        last_heads: torch.Tensor | None = None,
     ) -> None:
         lay, where = self.layout, f"{self.path}: sample {i}"
         t0, t1 = self._store.offsets["tokens"][i : i + 2]
@@ -149,6 +155,12 @@ class CacheWriter:
             ]
         elif values is not None or indices is not None:
             raise MimicError(f"{where}: the layout has topk=0, so pass no topk_values/topk_indices")
+        if lay.last_layers:
+            dtype = TORCH_DTYPES[lay.dtype]
+            want += [
+                ("last_hidden", last_hidden, (lay.last_layers, lay.hidden_size), dtype),
+                ("last_heads", last_heads, (lay.last_layers, lay.head_width), dtype),
+            ]
         for name, x, shape, dtype in want:
             if not isinstance(x, torch.Tensor):
                 raise MimicError(f"{where}: {name} is missing (layout topk={lay.topk} needs it)")
@@ -184,7 +196,7 @@ class CacheWriter:
             raise MimicError(f"{self.path} is complete; nothing to write (delete it to recompute)")
         self._check_open()
         encoded: dict[int, dict[str, np.ndarray]] = {}
-        for i, states, topk_values, topk_indices in samples:
+        for i, states, topk_values, topk_indices, *last in samples:
             if not 0 <= i < len(self):
                 raise MimicError(
                     f"{self.path}: sample {i} is out of range (the store has {len(self)} samples)"
@@ -193,8 +205,8 @@ class CacheWriter:
                 raise MimicError(
                     f"{self.path}: sample {i} is already written; skip the samples in writer.done"
                 )
-            self._check(i, states, topk_values, topk_indices)
-            parts = encode_sample(self.layout, states, topk_values, topk_indices)
+            self._check(i, states, topk_values, topk_indices, *last)
+            parts = encode_sample(self.layout, states, topk_values, topk_indices, *last)
             # inf/NaN in a row end up in its scale (absmax) or among its outliers (topk ranks NaN first)
             if self.layout.codec == "int8" and not all(
                 np.isfinite(parts[name]).all() for name in ("states_scale", "outlier_value") if name in parts
@@ -244,7 +256,7 @@ class CacheWriter:
             for spec in self._store.specs:
                 if spec.axis == "tokens":
                     start, end, ids = first, stop, [i for i in run if offsets[i] < stop]
-                else:  # the answer axis is small: write the whole samples' rows, aligned or not
+                else:  # the answer and sample axes are small: write the whole samples' rows, aligned or not
                     if not whole:
                         continue
                     (start, end), ids = self._store.bounds(spec, whole[0], whole[-1] + 1), whole

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from pipeline.config import PROMPT_METHODS, parse_section
 from pipeline.errors import MimicError
-from pipeline.methods import hificl, live, lora, mimic
+from pipeline.methods import hificl, live, lora, mimic, vectors
 from pipeline.methods.base import Handle, MethodConfig, Trained
 
 # name -> (class, default config); params.yaml's `methods` section holds one entry per name
@@ -23,6 +23,11 @@ TRAINED: dict[str, tuple[type[Trained], MethodConfig]] = {
     "hificl": (hificl.HiFICL, hificl.DEFAULT),
     "lora": (lora.Lora, lora.LORA),
     "mimic_lora": (lora.MimicLora, lora.MIMIC_LORA),
+    "tv": (vectors.TaskVector, vectors.VectorConfig(layers=None)),
+    "fv": (
+        vectors.FunctionVector,
+        vectors.FunctionVectorConfig(layers=None, heads=10, mediation_prompts=16, seed=0),
+    ),
 }
 METHODS = PROMPT_METHODS + tuple(TRAINED)
 

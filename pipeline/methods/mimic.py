@@ -11,13 +11,12 @@ q and k after rotary embedding, KV heads expanded. `log Z2` comes from the atten
 Variants (registry names):
 - `mimic`: the above.
 - `head_sharing_mu`: one mu per layer and token, shared by the heads: log Z1 = sum_h w_h . q_h + b and
-  log Z2 = log mean_h Z2_h (v stays per head).
+  log Z2 = mean_h log Z2_h, as the reference code's single-head flag computes them (v stays per head).
 - `query_sharing_mu`: one learned mu_h = sigmoid(m_h) per head, the same for every query (no w, b).
 """
 
 from __future__ import annotations
 
-import math
 from dataclasses import asdict, dataclass
 
 import torch
@@ -129,7 +128,9 @@ class MimicShift(Trained):
         per_head = (query.to(w.dtype) @ w.unsqueeze(-1)).squeeze(-1)  # (B, H, T)
         if self.spec.variant == "head_sharing_mu":
             log_z1 = per_head.sum(1, keepdim=True) + b[None, :, None]  # (B, 1, T)
-            log_z2 = torch.logsumexp(lse.to(log_z1.dtype), 1, keepdim=True) - math.log(lse.shape[1])
+            log_z2 = lse.to(log_z1.dtype).mean(
+                1, keepdim=True
+            )  # the heads' mean log Z2, as the reference code
             return torch.sigmoid(log_z1 - log_z2)
         log_z1 = per_head + b[None, :, None]  # (B, H, T)
         return torch.sigmoid(log_z1 - lse.to(log_z1.dtype))

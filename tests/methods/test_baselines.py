@@ -58,9 +58,9 @@ def _reference(module, query, key, value, attention_mask, scaling=None, **_):
     v = method.v[layer]
     if method.name == "query_sharing_mu":
         mu = torch.sigmoid(method.m[layer])[None, :, None].expand_as(z2)
-    else:  # head_sharing_mu: Z1 = exp(sum_h w_h . q_h + b), Z2 = the heads' mean Z2
+    else:  # head_sharing_mu: Z1 = exp(sum_h w_h . q_h + b), Z2 = the geometric mean of the heads' Z2
         z1 = torch.exp(torch.einsum("bhtd,hd->bt", query, method.w[layer]) + method.b[layer])  # (B, T)
-        mean_z2 = z2.mean(1)
+        mean_z2 = z2.prod(1) ** (1 / z2.shape[1])
         mu = (z1 / (z1 + mean_z2))[:, None, :].expand_as(z2)
     out = out + mu[..., None] * v[None, :, None, :]
     return out.transpose(1, 2).contiguous(), None

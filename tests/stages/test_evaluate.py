@@ -66,9 +66,11 @@ def test_three_methods_scored_with_the_shared_metric(run):
         latency["icl"]["ms_per_sample"] / latency["mimic"]["ms_per_sample"], rel=1e-2
     )
     # the last lines printed are the per-method table
-    table = result.stdout.strip().splitlines()[-4:]
-    assert table[0].split()[:2] == ["method", "exact_match"]
-    assert [line.split()[0] for line in table[1:]] == ["zero_shot", "icl", "mimic"]
+    table = result.stdout.strip().splitlines()[-5:]
+    assert table[0].split()[:3] == ["method", "exact_match", "parameters"]
+    assert [line.split()[0] for line in table[1:]] == ["zero_shot", "icl", "rices", "mimic"]
+    assert [line.split()[2] for line in table[1:]] == ["0", "0", "0", "784"]  # trainable parameters
+    assert latency["rices"]["prompt_tokens_per_sample"] > latency["zero_shot"]["prompt_tokens_per_sample"]
     rows = [json.loads(line) for line in predictions.read_text().splitlines()]
     assert len(rows) == 24
     for method in ("zero_shot", "icl", "mimic"):
