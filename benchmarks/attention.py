@@ -52,9 +52,8 @@ def build_model() -> torch.nn.Module:
 
 def make_step(method: str, length: int, mode: str):
     """A closure running one forward (or forward+backward) of `method`; attach/patching done once."""
-    import pipeline.shift as shift_module
-
     import pipeline.attention as attention
+    import pipeline.methods.routing as shift_module
     from pipeline.families import ModelView
     from pipeline.methods.mimic import MimicShift, attach, spec_for
 

@@ -44,7 +44,7 @@ def main() -> None:
                        cwd=ROOT, check=True, capture_output=True)  # fmt: skip
         stages = {
             "train": lambda run: ["train", "--cache", str(tmp / "c.zarr"), "--run-dir", str(tmp / run)],
-            "evaluate": lambda run: ["evaluate", "--shift", str(tmp / "shift0" / "shift"), "--metrics",
+            "evaluate": lambda run: ["evaluate", "--run-dir", str(tmp / "shift0"), "--metrics",
                                      str(tmp / run / "m.json"), "--predictions", str(tmp / run / "p.jsonl")],
         }  # fmt: skip
         times = {(stage, n): [] for stage in stages for n in (1, 2)}

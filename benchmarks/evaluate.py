@@ -34,12 +34,10 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         extract(ROOT / "params.yaml", tmp / "cache.zarr", base)
-        train(ROOT / "params.yaml", tmp / "cache.zarr", tmp / "run", base)
+        train(ROOT / "params.yaml", tmp / "cache.zarr", tmp / "mimic", base)
         for r in range(args.repeats):
             reports.append(
-                evaluate(
-                    ROOT / "params.yaml", tmp / "run" / "shift", tmp / f"m{r}.json", tmp / f"p{r}.jsonl", base
-                )
+                evaluate(ROOT / "params.yaml", [tmp / "mimic"], tmp / f"m{r}.json", tmp / f"p{r}.jsonl", base)
             )
     lat = {
         m: statistics.median(r["latency"][m]["ms_per_sample"] for r in reports)

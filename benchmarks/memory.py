@@ -83,7 +83,7 @@ def main() -> None:
             params = str(write_params(tmp / f"p{n}.yaml", checkpoint, train, evaluation, n, args.k))
             extract = peak_mib("extract", "--params", params, "--out", str(tmp / f"c{n}.zarr"))
             evaluate = peak_mib(
-                "evaluate", "--params", params, "--shift", str(tmp / "run" / "shift"),
+                "evaluate", "--params", params, "--run-dir", str(tmp / "run"),
                 "--metrics", str(tmp / f"m{n}.json"), "--predictions", str(tmp / f"p{n}.jsonl"),
             )  # fmt: skip
             rows.append((n, extract, evaluate))

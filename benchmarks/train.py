@@ -55,7 +55,7 @@ def main() -> None:
             extract_s = timed(extract, ROOT / "params.yaml", tmp / "cache.zarr", base)
             cache_runs, online_runs, cache_epoch, online_epoch = [], [], [], []
             for lr in LRS[: args.runs]:
-                run = base + [f"train.lr={lr}"]
+                run = base + [f"methods.mimic.lr={lr}"]
                 start = time.perf_counter()
                 cache_epoch.append(
                     train(ROOT / "params.yaml", tmp / "cache.zarr", tmp / f"c{lr}", run)["seconds_per_epoch"]

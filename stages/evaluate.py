@@ -107,7 +107,7 @@ def evaluate(
         "runs": {run.name: str(run) for run in runs},
         "processes": here.size,
     }
-    latency = {**latency_report(seconds, tokens, len(queries), ev), **latency_extra}
+    latency = {**latency_report(seconds, tokens, len(queries), ev), **latency_extra, "methods": labels}
     for label in labels:
         latency[label]["parameters"] = trained[label].num_parameters() if label in trained else 0
     rows = [{"id": q.id, "question": q.question, "answers": list(q.answers)} for q in queries]
@@ -242,8 +242,10 @@ def format_report(report: dict) -> str:
         lines.append(f"MimIC (no demonstrations) is {speedup:.2f}x faster per sample than ICL")
     head = f"{'method':<18} {metric:>14} {'parameters':>11} {'ms/sample':>10} {'(p25-p75)':>15} {'prompt tokens':>14}"
     lines.append(head)
-    for method, value in report["score"].items():
-        r = latency[method]
+    for method in latency.get(
+        "methods", list(report["score"])
+    ):  # prompt methods first, then the runs in order
+        value, r = report["score"][method], latency[method]
         spread = f"{r['ms_per_sample_p25']:.2f}-{r['ms_per_sample_p75']:.2f}"
         lines.append(
             f"{method:<18} {value:>14.2f} {r.get('parameters', 0):>11,} {r['ms_per_sample']:>10.2f} {spread:>15} "
