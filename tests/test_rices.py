@@ -76,3 +76,24 @@ def test_encoder_directory_uses_clip_image_embeds(tmp_path):
     assert got.shape == (2, 8) and torch.allclose(got[1], want, atol=1e-5)
     with pytest.raises(MimicError, match="no encoder directory"):
         encoder_directory(str(tmp_path / "nowhere"), "cpu")
+
+
+def test_the_teacher_takes_the_nearest_demonstrations_with_extract_icd_rices():
+    from conftest import ROOT, SMALL
+
+    from pipeline.config import load_params
+    from pipeline.rices import image_embedder
+    from pipeline.samples import teacher_samples
+    from pipeline.splits import make_splits
+
+    params = load_params(ROOT / "params.yaml", [*SMALL, "extract.icd=rices", "extract.m=2"])
+    loaded = load_model("embedded")
+    splits = make_splits(params.data)
+    samples = teacher_samples(splits, params.extract, loaded, None, "cpu")
+    embed = image_embedder(loaded, None, "cpu")
+    want = nearest_sets(splits.train, splits.support, params.extract.k, 2, embed)
+    assert samples.icd_sets == want and len(want[0]) == 2
+    similarity = embed(splits.train[:1]) @ embed(splits.support).T
+    nearest = samples.icd_sets[0][0]
+    others = [i for i in range(len(splits.support)) if i not in nearest]
+    assert similarity[0, nearest].min() >= similarity[0, others].max()  # set 0: the k most similar images
