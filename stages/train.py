@@ -16,11 +16,10 @@ from pathlib import Path
 
 import torch
 from tqdm import tqdm
-from transformers import get_cosine_schedule_with_warmup
 
 from pipeline.cache.store import CacheReader
 from pipeline.config import load_params
-from pipeline.distributed import rank_device, reduce_gradients, reduce_sum, share, world
+from pipeline.distributed import rank_device, share, world
 from pipeline.errors import MimicError
 from pipeline.fingerprint import teacher_fingerprint
 from pipeline.methods import build_method, method_configs
@@ -33,11 +32,11 @@ from pipeline.prompts import PromptBuilder
 from pipeline.samples import batch_counts, teacher_samples
 from pipeline.sources import sources_hash
 from pipeline.splits import make_splits
+from pipeline.trainer import Trainer
 from pipeline.training import (
     CacheTargets,
     OnlineTargets,
     Weights,
-    autocast_for,
     batch_loss,
     epoch_batches,
     load_checkpoint,
@@ -92,11 +91,7 @@ def train(
     base_weights = weights_fingerprint(model)  # before LoRA enters the model
     handle = method.attach(model)  # LoRA's tensors exist once attached
     batches_per_epoch = math.ceil(len(splits.train) / tr.batch_size)
-    total = math.ceil(batches_per_epoch / tr.grad_accum) * tr.epochs
-    optimizer = torch.optim.AdamW(method.trainable(), lr=config.lr, weight_decay=config.weight_decay)
-    scheduler = get_cosine_schedule_with_warmup(optimizer, int(tr.warmup * total), total)
-    autocast = autocast_for(params.model.device, tr.precision)
-    scaler = torch.amp.GradScaler("cuda", enabled=tr.precision == "fp16")
+    trainer = Trainer(method, config.lr, config.weight_decay, tr, params.model.device, batches_per_epoch)
 
     checkpoint_path = run_dir / "checkpoint.pt"
     # What the method's values depend on (not where data lives, the evaluation set or the device): a checkpoint
@@ -110,26 +105,27 @@ def train(
     }
     rows, epoch_seconds, start_epoch = [], [], 0
     identity = json.loads(json.dumps(identity, sort_keys=True, default=str))
-    if (state := load_checkpoint(checkpoint_path)) is not None and state.get("identity") != identity:
-        old = state.get("identity") if isinstance(state.get("identity"), dict) else {}
-        differs = [k for k in identity if old.get(k) != identity[k]] or ["format"]
-        if not replace:
-            raise MimicError(
-                f"{checkpoint_path} belongs to another run (its {', '.join(differs)} differ); use another --run-dir, "
-                "delete it, or pass --replace"
-            )
-        log.info("discarding %s: it belongs to another run (%s differ)", checkpoint_path, ", ".join(differs))
-        state = None
-    if state is not None:
+    if (state := checkpoint_of(checkpoint_path, identity, replace)) is not None:
         method.load_checkpoint_state(state["method"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
+        trainer.load_state_dict(state)
         start_epoch, rows, epoch_seconds = state["epoch"], state["log"], state["epoch_seconds"]
         log.info("resuming %s after epoch %d of %d", run_dir, start_epoch, tr.epochs)
 
     run_dir.mkdir(parents=True, exist_ok=True)
     weights = Weights(config.ce_weight, config.align_weight, config.kl_weight)
+
+    def counts(indices):  # a whole batch's answer tokens and aligned positions: its losses' denominators
+        return batch_counts(builder, samples, indices, ex.positions, view.image_token_id)
+
+    def loss(part, target, whole):
+        return batch_loss(model, view, builder, samples, part, target, whole, ex, layers, weights)
+
     bar = tqdm(total=batches_per_epoch * tr.epochs, initial=batches_per_epoch * start_epoch, desc=tr.method)
+
+    def progress(row):
+        bar.set_postfix(epoch=f"{row['epoch'] + 1}/{tr.epochs}", loss=f"{row['loss']:.4f}")
+        bar.update()
+
     with handle, bar:
         method.train_mode(True)
         for epoch in range(start_epoch, tr.epochs):
@@ -141,56 +137,12 @@ def train(
                 if reader is not None
                 else OnlineTargets(model, view, builder, samples, method, parts, ex, layers)
             )
-            for i, (indices, part, target) in enumerate(zip(batches, parts, targets)):
-                counts = batch_counts(builder, samples, indices, ex.positions, view.image_token_id)
-                values = torch.zeros(4)  # this rank's share of (loss, ce, align, kl): the shares add up
-                if part:
-                    with autocast():
-                        terms = batch_loss(
-                            model, view, builder, samples, part, target, counts, ex, layers, weights
-                        )
-                    scaler.scale(terms[0] / tr.grad_accum).backward()
-                    values = torch.stack(terms).detach().float().cpu()
-                loss_value, ce_value, align_value, kl_value = reduce_sum(values, here).tolist()
-                if not math.isfinite(loss_value):  # the checkpoint of the last finished epoch stays as it was
-                    raise MimicError(
-                        f"the training loss became {loss_value} at step {len(rows)} (epoch {epoch + 1}): lower "
-                        f"methods.{tr.method}.lr (now {config.lr})"
-                    )
-                if (i + 1) % tr.grad_accum == 0 or i + 1 == len(batches):
-                    reduce_gradients(method.trainable(), here)
-                    scaler.unscale_(optimizer)
-                    torch.nn.utils.clip_grad_norm_(method.trainable(), tr.clip)
-                    scaler.step(optimizer)
-                    scaler.update()
-                    optimizer.zero_grad(set_to_none=True)
-                    scheduler.step()
-                row = {
-                    "step": len(rows),
-                    "epoch": epoch,
-                    "loss": loss_value,
-                    "ce": ce_value,
-                    "align": align_value,
-                    "kl": kl_value,
-                    "lr": optimizer.param_groups[0]["lr"],
-                }
-                rows.append(row)
-                bar.set_postfix(epoch=f"{epoch + 1}/{tr.epochs}", loss=f"{row['loss']:.4f}")
-                bar.update()
+            trainer.epoch(epoch, batches, parts, targets, counts, loss, here, rows, progress)
             epoch_seconds.append(time.perf_counter() - epoch_start)
             if here.main:  # one checkpoint, written by one rank; every rank holds the same weights
-                save_checkpoint(
-                    checkpoint_path,
-                    {
-                        "method": method.checkpoint_state(),
-                        "optimizer": optimizer.state_dict(),
-                        "scheduler": scheduler.state_dict(),
-                        "epoch": epoch + 1,
-                        "log": rows,
-                        "epoch_seconds": epoch_seconds,
-                        "identity": identity,
-                    },
-                )
+                saved = {"method": method.checkpoint_state(), **trainer.state_dict(), "epoch": epoch + 1}
+                saved.update(log=rows, epoch_seconds=epoch_seconds, identity=identity)
+                save_checkpoint(checkpoint_path, saved)
         method.train_mode(False)
         provenance = {
             "params": {"train": vars(tr), "method": config.to_dict(), "extract": vars(ex)},
@@ -218,6 +170,23 @@ def train(
     return summary
 
 
+def checkpoint_of(path: Path, identity: dict, replace: bool) -> dict | None:
+    """The checkpoint at `path` if it belongs to this run; one of another run is refused (or, with `replace`,
+    discarded) naming what differs."""
+    state = load_checkpoint(path)
+    if state is None or state.get("identity") == identity:
+        return state
+    old = state.get("identity") if isinstance(state.get("identity"), dict) else {}
+    differs = [k for k in identity if old.get(k) != identity[k]] or ["format"]
+    if not replace:
+        raise MimicError(
+            f"{path} belongs to another run (its {', '.join(differs)} differ); use another --run-dir, delete it, "
+            "or pass --replace"
+        )
+    log.info("discarding %s: it belongs to another run (%s differ)", path, ", ".join(differs))
+    return None
+
+
 def fit_method(
     method, data: FitData, run_dir: Path, params, cache: Path, teacher: dict, replace: bool
 ) -> dict:
@@ -228,13 +197,9 @@ def fit_method(
         json.dumps({**identity, "code": sources_hash("stages.train")}, sort_keys=True, default=str)
     )
     checkpoint_path = run_dir / "checkpoint.pt"
-    state = load_checkpoint(checkpoint_path)
-    if state is not None and state.get("identity") != identity and not replace:
-        raise MimicError(
-            f"{checkpoint_path} belongs to another run; use another --run-dir, delete it, or pass --replace"
-        )
+    state = checkpoint_of(checkpoint_path, identity, replace)
     start = time.perf_counter()
-    if state is not None and state.get("identity") == identity:
+    if state is not None:
         method.load_checkpoint_state(state["method"])
         method.layer, method.report, seconds = state["layer"], state["report"], state["seconds"]
     else:
