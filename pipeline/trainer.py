@@ -50,6 +50,13 @@ class Trainer:
     ) -> None:
         """One epoch: every batch's loss over the whole batch's counts (this rank computes its part), an
         optimizer step every grad_accum batches; appends one row per batch to `rows`."""
+        with torch.random.fork_rng(devices=[]):
+            # stochastic parts of a method (LoRA dropout) draw from torch's global generator: seeded per epoch and
+            # rank, a resumed run draws what an uninterrupted one draws
+            torch.manual_seed(self.tr.seed * 1_000_003 + epoch * 1_009 + here.rank)
+            self._epoch(epoch, batches, parts, targets, counts, loss, here, rows, progress)
+
+    def _epoch(self, epoch, batches, parts, targets, counts, loss, here, rows, progress) -> None:
         tr, params = self.tr, self.method.trainable
         for i, (indices, part, target) in enumerate(zip(batches, parts, targets)):
             values = torch.zeros(4)  # this rank's share of (loss, ce, align, kl): the shares add up

@@ -84,3 +84,36 @@ def test_checkpoint_of_other_parameters_is_refused(store, tmp_path):
         result.returncode == 2
         and "belongs to another run (its method differ)" in result.stderr.strip().splitlines()[-1]
     )
+
+
+@pytest.mark.parametrize("name", ["lora", "mimic_lora"])
+def test_killed_lora_run_resumes_to_the_same_adapter(store, tmp_path, name):
+    """LoRA's tensors live inside the model while it trains: the checkpoint still carries them, and a resumed
+    run ends where an uninterrupted one does (every tensor, the peft part included)."""
+    args = [
+        "train",
+        "--cache",
+        str(store),
+        *overrides("train.epochs=3", "train.batch_size=4", f"train.method={name}"),
+    ]
+    full, resumed = tmp_path / "full", tmp_path / "resumed"
+    cli(*args, "--run-dir", full, check=True)
+    command = [sys.executable, "-m", "stages.cli", *args, "--run-dir", str(resumed)]
+    proc = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while not (resumed / "checkpoint.pt").exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.02)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert torch.load(resumed / "checkpoint.pt", weights_only=True)["epoch"] < 3
+    cli(*args, "--run-dir", resumed, check=True)
+    a, b = load_method(full / "method"), load_method(resumed / "method")
+    lora_a, lora_b = (
+        (a if name == "lora" else a.lora).adapter.state(),
+        (b if name == "lora" else b.lora).adapter.state(),
+    )
+    assert lora_a.keys() == lora_b.keys() and len(lora_a) > 0
+    assert all(torch.allclose(lora_a[k], lora_b[k], atol=1e-6) for k in lora_a)
+    assert any(k.endswith("lora_B.weight") and lora_a[k].abs().max() > 0 for k in lora_a)  # it trained
+    assert all(torch.allclose(x, y, atol=1e-6) for x, y in zip(a.tensors().values(), b.tensors().values()))
+    assert (full / "train_log.tsv").read_text() == (resumed / "train_log.tsv").read_text()
