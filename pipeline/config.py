@@ -41,7 +41,7 @@ def _at_least(section: str, minimum: int | float, **values) -> None:
 class ModelConfig:
     name: str  # "embedded" or a local checkpoint directory
     dtype: str  # float32 on CPU; bfloat16 on GPU for 8B models
-    device: str  # "cpu", "cuda", "cuda:1" ...
+    device: str  # "cpu", "cuda", "cuda:1" ..., or "auto": one model over this machine's GPUs (accelerate)
 
     def __post_init__(self):
         _one_of("model.dtype", self.dtype, DTYPES)
@@ -158,7 +158,7 @@ class Params:
         for field, k in (("extract.k", self.extract.k), ("evaluate.k", self.evaluate.k)):
             if k > self.data.n_support:
                 raise MimicError(f"{field}={k} demonstrations, but data.n_support={self.data.n_support}")
-        if self.train.precision != "fp32" and not self.model.device.startswith("cuda"):
+        if self.train.precision != "fp32" and not self.model.device.startswith(("cuda", "auto")):
             raise MimicError(
                 f"train.precision={self.train.precision} needs a GPU (model.device is {self.model.device}); "
                 "use fp32 on CPU"

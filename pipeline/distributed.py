@@ -9,6 +9,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from pipeline.errors import MimicError
+
 
 @dataclass(frozen=True)
 class World:
@@ -33,7 +35,12 @@ def world() -> World:
 
 
 def rank_device(device: str, here: World) -> str:
-    """`cuda` becomes this rank's GPU (`cuda:LOCAL_RANK`) in a world of several; any other device stays."""
+    """`cuda` becomes this rank's GPU (`cuda:LOCAL_RANK`) in a world of several; any other device stays.
+    `auto` (one model over several GPUs) is for one process: one rank per GPU is the other way to use them."""
+    if device == "auto" and here.size > 1:
+        raise MimicError(
+            "model.device=auto spreads one model over the GPUs of ONE process: run without torchrun"
+        )
     return f"cuda:{here.local_rank}" if device == "cuda" and here.size > 1 else device
 
 

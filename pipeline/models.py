@@ -40,6 +40,12 @@ class Loaded:
     view: ModelView
     source: str  # the name or path it was loaded from
 
+    @property
+    def device(self) -> torch.device:
+        """Where inputs and a method's tensors go: the first parameter's device (with `model.device: auto`
+        accelerate's hooks move activations from layer to layer)."""
+        return next(self.model.parameters()).device
+
 
 def resolve_model_path(name_or_path: str) -> Path:
     """`embedded` -> the packaged default; anything else must be a local directory with a config.json."""
@@ -78,7 +84,10 @@ def check_model(
 
 
 def check_device(device: str) -> None:
-    """A device that exists here, or one line saying what is missing."""
+    """A device that exists here, or one line saying what is missing. `auto` spreads the model over this
+    machine's GPUs with accelerate's device map (the CPU when there are none)."""
+    if device == "auto":
+        return
     try:
         kind = torch.device(device).type
     except RuntimeError as err:
@@ -97,10 +106,12 @@ def load_model(
     """Load with `from_pretrained(dir)` from local files only; the family is checked before any weight is read."""
     path = resolve_model_path(name_or_path)
     config = check_model(name_or_path, dtype, device)
+    placement = {"device_map": "auto"} if device == "auto" else {}  # accelerate: layers over the GPUs
     model = AutoModelForImageTextToText.from_pretrained(
-        path, dtype=DTYPES[dtype], attn_implementation="sdpa", local_files_only=True
+        path, dtype=DTYPES[dtype], attn_implementation="sdpa", local_files_only=True, **placement
     )
-    model.to(device).eval().requires_grad_(False)
+    model = model if device == "auto" else model.to(device)
+    model.eval().requires_grad_(False)
     processor = load_processor(path, config.model_type) if with_processor else None
     return Loaded(model, processor, ModelView(model), str(name_or_path))
 

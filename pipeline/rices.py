@@ -64,7 +64,7 @@ def own_vision_tower(loaded) -> Embed:
     return _batched(embed_one)
 
 
-def encoder_directory(path: str, device: str) -> Embed:
+def encoder_directory(path: str, device) -> Embed:
     """Embeddings from a vision encoder saved with `save_pretrained` (CLIP's image_embeds where it has them)."""
     import transformers
     from transformers import AutoConfig, AutoImageProcessor, AutoModel
@@ -106,7 +106,7 @@ def _batched(embed_one: Callable[[Item], torch.Tensor]) -> Embed:
     return embed
 
 
-def image_embedder(loaded, encoder: str | None, device: str) -> Embed:
+def image_embedder(loaded, encoder: str | None, device) -> Embed:
     return own_vision_tower(loaded) if encoder is None else encoder_directory(encoder, device)
 
 

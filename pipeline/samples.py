@@ -50,7 +50,7 @@ def training_samples(
     return TrainingSamples(queries, support, sample_icd_sets([q.id for q in queries], support, k, m, seed))
 
 
-def teacher_samples(splits, ex, loaded, rices_encoder: str | None, device: str) -> TrainingSamples:
+def teacher_samples(splits, ex, loaded, rices_encoder: str | None, device) -> TrainingSamples:
     """The teacher's (query, demonstrations) pairs as extract.icd picks them: extract and train use this."""
     nearest = None
     if ex.icd == "rices":

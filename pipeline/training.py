@@ -206,7 +206,7 @@ def autocast_for(device: str, precision: str) -> Callable[[], contextlib.Abstrac
         return contextlib.nullcontext
     if precision not in dtypes:
         raise MimicError(f"train.precision must be fp32, bf16 or fp16, got {precision!r}")
-    if not device.startswith("cuda"):
+    if not (device.startswith("cuda") or (device == "auto" and torch.cuda.is_available())):
         raise MimicError(
             f"train.precision={precision} needs a GPU (model.device is {device}); use fp32 on CPU"
         )

@@ -71,14 +71,16 @@ def evaluate(
     loaded = load_model(params.model.name, params.model.dtype, device)
     trained = {}
     for run in runs:
-        trained[run.name] = load_method(run / "method", loaded.view, device=device)  # family and shape first
+        trained[run.name] = load_method(
+            run / "method", loaded.view, device=loaded.device
+        )  # family and shape first
         check_method_base(run / "method", weights_fingerprint(loaded.model), None, allow_other_base)
     builder = PromptBuilder.for_model(loaded, params.prompt)
     queries = splits.eval
     mine = share(len(queries), here)
     nearest = None
     if "rices" in labels:  # the same embeddings on every rank: each embeds all queries and the support set
-        embed = image_embedder(loaded, params.data.rices_encoder, device)
+        embed = image_embedder(loaded, params.data.rices_encoder, loaded.device)
         nearest = nearest_sets(queries, splits.support, ev.k, 1, embed)
     prompts = {
         label: GenerationPrompts(

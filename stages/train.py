@@ -82,9 +82,9 @@ def train(
             raise MimicError(
                 f"{tr.method} needs the teacher's logits: extract with extract.topk > 0 ({cache})"
             )
-    samples = teacher_samples(splits, ex, loaded, params.data.rices_encoder, params.model.device)
+    samples = teacher_samples(splits, ex, loaded, params.data.rices_encoder, loaded.device)
     builder = PromptBuilder.for_model(loaded, params.prompt)
-    method = build_method(tr.method, config, view, torch.Generator().manual_seed(tr.seed)).to(device)
+    method = build_method(tr.method, config, view, torch.Generator().manual_seed(tr.seed)).to(loaded.device)
     if method.fitted:  # tv, fv: one pass over the cache, choices on the validation queries
         data = FitData(model, view, builder, reader, splits.support, splits.val, ex.k, tr.batch_size)
         return fit_method(method, data, run_dir, params, cache, teacher, replace)

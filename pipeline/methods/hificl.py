@@ -55,7 +55,9 @@ class HiFICL(Trained):
 
     def extend(self, layer: int, query, out, lse, scale: float) -> torch.Tensor:
         """Attention over the real and the learned keys from SA's output and log-sum-exp. query/out [B, H, T, D]."""
-        keys, values = (t.to(query.dtype) for t in self.pairs(layer))  # (H, P, D)
+        keys, values = (
+            t.to(query.device, query.dtype) for t in self.pairs(layer)
+        )  # (H, P, D), the layer's device
         scores = (query @ keys.transpose(-1, -2)) * scale  # (B, H, T, P)
         learned = torch.logsumexp(scores.float(), -1)  # (B, H, T)
         total = torch.logaddexp(lse.float(), learned)

@@ -40,7 +40,7 @@ class Live(Trained):
 
     def shift_hidden(self, layer: int, hidden: torch.Tensor) -> torch.Tensor:
         """[B, T, hidden] -> the same, shifted and rescaled token by token."""
-        shifted = hidden + (self.scale[layer] * self.v[layer]).to(hidden.dtype)
+        shifted = hidden + (self.scale[layer] * self.v[layer]).to(hidden.device, hidden.dtype)
         return shifted * (
             hidden.norm(dim=-1, keepdim=True) / shifted.norm(dim=-1, keepdim=True).clamp_min(1e-12)
         )

@@ -116,15 +116,15 @@ class MimicShift(Trained):
         self, row: int, query: torch.Tensor, out: torch.Tensor, lse: torch.Tensor
     ) -> torch.Tensor:
         """out + mu * v for one layer. query/out: [B, H, T, D]; lse: [B, H, T] (float32 for half inputs)."""
-        v = self.v[row].to(out.dtype)  # (H, D)
+        v = self.v[row].to(out.device, out.dtype)  # (H, D), on the layer's device (model.device: auto)
         mu = self.magnitude(row, query, lse).to(out.dtype)  # (B|1, H|1, T|1)
         return out + mu[..., None] * v[None, :, None, :]
 
     def magnitude(self, row: int, query: torch.Tensor, lse: torch.Tensor) -> torch.Tensor:
         """mu as [B, H, T] (mimic), [B, 1, T] (head_sharing_mu) or [1, H, 1] (query_sharing_mu)."""
         if self.spec.variant == "query_sharing_mu":
-            return torch.sigmoid(self.m[row])[None, :, None]
-        w, b = self.w[row], self.b[row]  # (H, D), (H|1)
+            return torch.sigmoid(self.m[row].to(query.device))[None, :, None]
+        w, b = self.w[row].to(query.device), self.b[row].to(query.device)  # (H, D), (H|1)
         per_head = (query.to(w.dtype) @ w.unsqueeze(-1)).squeeze(-1)  # (B, H, T)
         if self.spec.variant == "head_sharing_mu":
             log_z1 = per_head.sum(1, keepdim=True) + b[None, :, None]  # (B, 1, T)

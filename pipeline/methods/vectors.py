@@ -116,7 +116,7 @@ class LastTokenVector(Trained):
         else:
             positions = self.positions
         rows, cols = torch.arange(h.shape[0], device=h.device), positions.to(h.device)
-        vector = self.vector.to(h.dtype)
+        vector = self.vector.to(h.device, h.dtype)
         h = h.clone()
         h[rows, cols] = vector if self.replace else h[rows, cols] + vector
         return (h, *output[1:]) if isinstance(output, tuple) else h
@@ -260,7 +260,7 @@ def causal_mediation(data: FitData, mean_heads: torch.Tensor, config: FunctionVe
             def patch(_module, args, layer=layer):
                 x = args[0].clone()  # (H rows, T, H x D): row h gets head h's mean output
                 for head in range(geo.num_heads):
-                    x[head, -1, head * d : (head + 1) * d] = mean_heads[layer, head].to(x.dtype)
+                    x[head, -1, head * d : (head + 1) * d] = mean_heads[layer, head].to(x.device, x.dtype)
                 return (x, *args[1:])
 
             handle = view.output_projection(layer).register_forward_pre_hook(patch)

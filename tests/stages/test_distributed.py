@@ -14,7 +14,7 @@ import yaml
 from conftest import ROOT, cli
 from real_checkpoints import save_tiny_checkpoint, write_vqa_fixture
 
-from pipeline.methods.io import save_method
+from pipeline.methods.io import load_method, save_method
 from pipeline.methods.mimic import MimicShift, spec_for
 from pipeline.models import load_model
 
@@ -98,3 +98,32 @@ def test_two_process_training_equals_one_process(tmp_path):
             abs(float(x) - float(y)) <= 1e-5 * max(1.0, abs(float(x))) for x, y in zip(a.split(), b.split())
         )
     assert result.stdout.count(" parameters, loss ") == 1  # rank 0 reports
+
+
+def test_device_auto_is_one_process_over_the_devices(tmp_path):
+    """`model.device: auto` loads through accelerate's device map (on this CPU-only machine: every layer on the
+    CPU) and trains the same shift as `cpu`; under torchrun it is refused in one line (one rank per GPU is the
+    other way)."""
+    from conftest import SMALL, overrides
+
+    from stages.extract import extract
+
+    store = tmp_path / "teacher.zarr"
+    extract(ROOT / "params.yaml", store, SMALL)
+    loaded = load_model("embedded", device="auto")
+    assert {p.device.type for p in loaded.model.parameters()} == {"cpu"}
+    for device in ("cpu", "auto"):
+        cli("train", "--cache", store, "--run-dir", tmp_path / device,
+            *overrides("train.epochs=1", f"model.device={device}"), check=True)  # fmt: skip
+    a, b = load_method(tmp_path / "cpu" / "method"), load_method(tmp_path / "auto" / "method")
+    assert all(torch.allclose(p, getattr(b, n), atol=1e-6) for n, p in a.named_parameters())
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    command = [str(BIN / "torchrun"), "--standalone", "--nproc_per_node", "2", "--no-python", str(BIN / "mimic"),
+               "train", "--cache", str(store), "--run-dir", str(tmp_path / "two"),
+               *map(str, overrides("train.epochs=1", "model.device=auto"))]  # fmt: skip
+    result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert (
+        result.returncode != 0
+        and "model.device=auto spreads one model over the GPUs of ONE process" in result.stderr
+    )
+    assert not (tmp_path / "two" / "method").exists()
