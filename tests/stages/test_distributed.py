@@ -127,3 +127,42 @@ def test_device_auto_is_one_process_over_the_devices(tmp_path):
         and "model.device=auto spreads one model over the GPUs of ONE process" in result.stderr
     )
     assert not (tmp_path / "two" / "method").exists()
+
+
+def test_a_killed_rank_stops_the_run_and_the_same_command_resumes_it(tmp_path):
+    """SIGKILL one of two training ranks after a checkpoint: torchrun stops the other and exits non-zero, no
+    trained method is written, and rerunning the command resumes to the weights of an uninterrupted run."""
+    import signal
+    import time
+
+    from conftest import SMALL, overrides
+
+    from stages.extract import extract
+
+    store = tmp_path / "teacher.zarr"
+    extract(ROOT / "params.yaml", store, SMALL)
+    settings = overrides("train.epochs=4", "train.batch_size=4")
+    cli("train", "--cache", store, "--run-dir", tmp_path / "one", *settings, check=True)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    command = [str(BIN / "torchrun"), "--standalone", "--nproc_per_node", "2", "--no-python", str(BIN / "mimic"),
+               "train", "--cache", str(store), "--run-dir", str(tmp_path / "two"), *map(str, settings)]  # fmt: skip
+    proc = subprocess.Popen(
+        command, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
+    )
+    checkpoint = tmp_path / "two" / "checkpoint.pt"
+    deadline = time.time() + 240
+    while not checkpoint.exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.02)
+    ranks = subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True, text=True).stdout.split()
+    assert ranks, "no rank processes found under torchrun"
+    os.kill(int(ranks[-1]), signal.SIGKILL)  # one rank dies; the launcher must stop the other
+    _, stderr = proc.communicate(timeout=240)
+    assert proc.returncode != 0
+    done = torch.load(checkpoint, weights_only=True)["epoch"]
+    assert 1 <= done < 4 and not (tmp_path / "two" / "method").exists(), stderr[-2000:]
+    result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert f"after epoch {done} of 4" in result.stderr
+    one, two = load_method(tmp_path / "one" / "method"), load_method(tmp_path / "two" / "method")
+    for name, p in one.named_parameters():
+        assert (p - getattr(two, name)).abs().max() <= 1e-5, name
