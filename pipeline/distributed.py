@@ -58,6 +58,12 @@ def gather(value, here: World) -> list:
     return values
 
 
+def barrier(here: World) -> None:
+    """Wait until every rank is here (nothing in a world of one)."""
+    if here.size > 1:
+        dist.barrier()
+
+
 def reduce_sum(values: torch.Tensor, here: World) -> torch.Tensor:
     """The elementwise sum of `values` over the ranks (a CPU tensor; itself in a world of one)."""
     if here.size > 1:

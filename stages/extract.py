@@ -17,8 +17,9 @@ import zarr
 from tqdm import tqdm
 
 from pipeline.cache.store import Layout, store_stats
-from pipeline.cache.writer import AsyncWriter, CacheWriter
+from pipeline.cache.writer import AsyncWriter, CacheWriter, Part
 from pipeline.config import load_params
+from pipeline.distributed import barrier, gather, rank_device, share, world
 from pipeline.fingerprint import teacher_fingerprint
 from pipeline.models import check_model, load_model
 from pipeline.outputs import check_writable
@@ -36,9 +37,10 @@ def extract(params_path: Path, out: Path, overrides: list[str], replace: bool = 
     params = load_params(params_path, overrides)
     ex = params.extract
     check_model(params.model.name, params.model.dtype, params.model.device, ex.layers)
+    here = world()  # under torchrun: each rank computes and writes its part of the one store
     check_writable(out, "teacher store", folder=True)
     splits = make_splits(params.data)  # data errors before the model is read
-    loaded = load_model(params.model.name, params.model.dtype, params.model.device)
+    loaded = load_model(params.model.name, params.model.dtype, rank_device(params.model.device, here))
     samples = teacher_samples(splits, ex, loaded, params.data.rices_encoder, loaded.device)
     geo = loaded.view.geometry
     layers = list(range(geo.num_layers)) if ex.layers is None else sorted(ex.layers)
@@ -65,12 +67,17 @@ def extract(params_path: Path, out: Path, overrides: list[str], replace: bool = 
         out, "teacher store", True, sum(token_counts) * len(layers) * geo.hidden_size * value_bytes
     )
     fingerprint = teacher_fingerprint(params, loaded, splits, layers)
-    if replace and written_for_other_run(out, fingerprint, layout):
-        log.info("replacing %s: it was written with other parameters", out)
-        shutil.rmtree(out)
-    writer = CacheWriter.open(out, fingerprint, layout, token_counts, answer_counts)
-    todo = writer.missing()
-    if not todo:
+    counts = (fingerprint, layout, token_counts, answer_counts)
+    if here.size > 1:
+        part, todo = prepare_part(out, counts, replace, ex.batch_size, here)
+        writer = CacheWriter.open(out, *counts, part=part)
+    else:
+        if replace and written_for_other_run(out, fingerprint, layout):
+            log.info("replacing %s: it was written with other parameters", out)
+            shutil.rmtree(out)
+        writer = CacheWriter.open(out, *counts)
+        todo = writer.missing()
+    if not todo and (here.size == 1 or writer.complete):
         log.info("%s is complete for these parameters: nothing to do", out)
         return store_stats(out)
     log.info("extracting %d of %d samples (k=%d, M=%d) into %s", len(todo), len(samples), ex.k, ex.m, out)
@@ -109,10 +116,38 @@ def extract(params_path: Path, out: Path, overrides: list[str], replace: bool = 
                 ]
             )
             bar.update(len(chunk))
-    writer.finish()
+    if here.size > 1:  # the files shared between parts, one rank after the other; rank 0 completes the store
+        for rank in range(here.size):
+            barrier(here)
+            if rank == here.rank:
+                writer.write_held()
+        writer.close()
+        barrier(here)
+        if here.main:
+            CacheWriter.finish_parts(out)
+        barrier(here)
+    else:
+        writer.finish()
     stats = store_stats(out)
     stats["seconds"] = round(time.perf_counter() - start, 2)
     return stats
+
+
+def prepare_part(out: Path, counts: tuple, replace: bool, batch_size: int, here) -> tuple[Part, list[int]]:
+    """Rank 0 creates (or replaces) the store and lists the missing samples; every rank then takes a contiguous
+    run of whole teacher batches of them, so each batch is the one a single process would run."""
+    missing = None
+    if here.main:
+        fingerprint, layout = counts[0], counts[1]
+        if replace and written_for_other_run(out, fingerprint, layout):
+            log.info("replacing %s: it was written with other parameters", out)
+            shutil.rmtree(out)
+        missing = CacheWriter.prepare_parts(out, *counts, size=here.size)
+    missing = gather(missing, here)[0]  # rank 0's list on every rank, after the store exists
+    batches = [missing[i : i + batch_size] for i in range(0, len(missing), batch_size)]
+    mine = [j for b in share(len(batches), here) for j in batches[b]]
+    part = Part(here.rank, here.size, mine[0], mine[-1] + 1) if mine else Part(here.rank, here.size, 0, 0)
+    return part, mine
 
 
 def written_for_other_run(out: Path, fingerprint: dict, layout: Layout) -> bool:

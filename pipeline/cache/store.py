@@ -98,6 +98,18 @@ class _Store:
             spec.name: group[spec.name].with_config({"write_empty_chunks": True}) for spec in self.specs
         }
         self.marks = group["sample_crc"]
+        # a distributed extract's per-rank marks (progress_<size>_<rank>), merged into sample_crc when complete
+        self.progress = {
+            name: group[name] for name in sorted(group.array_keys()) if name.startswith("progress_")
+        }
+
+    def all_marks(self) -> np.ndarray:
+        """sample_crc with every rank's progress marks folded in: >= 0 where a sample is written."""
+        marks = self.marks[:]
+        for array in self.progress.values():
+            extra = array[:]
+            marks = np.where(extra >= 0, extra, marks)
+        return marks
 
     def __len__(self) -> int:
         return len(self.offsets["tokens"]) - 1

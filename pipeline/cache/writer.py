@@ -24,8 +24,10 @@ import fcntl
 import json
 import os
 import queue
+import shutil
 import threading
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -36,25 +38,47 @@ from pipeline.cache.shards import ShardWriter
 from pipeline.cache.store import _create, _name, _offsets, _Store, first_difference
 from pipeline.errors import MimicError
 
-__all__ = ["AsyncWriter", "CacheWriter"]
+__all__ = ["AsyncWriter", "CacheWriter", "Part"]
 
 # (i, states [L, T_i, H], topk_values [A_i, K] or None, topk_indices [A_i, K] or None): one sample to write
 Item = tuple[int, torch.Tensor, torch.Tensor | None, torch.Tensor | None]
 
 
+@dataclass(frozen=True)
+class Part:
+    """One rank's part of a distributed extract: samples [first, stop) (already written ones are skipped).
+
+    Ranks' parts are disjoint intervals. A file (shard or chunk) inside a part is written by that rank alone as
+    it fills; the rows of the few files a part shares with its neighbours are held back and written at the end,
+    one rank after the other (`write_held`), so no two ranks ever write one file at the same time. Each rank marks
+    its samples in its own array (progress_<size>_<rank>); rank 0 folds them into sample_crc at the end."""
+
+    rank: int
+    size: int
+    first: int
+    stop: int
+
+
 class CacheWriter:
     """Writes teacher samples into a store; reopening the same path resumes it, a complete store is left as is."""
 
-    def __init__(self, store: _Store) -> None:
-        self._store = store
+    def __init__(self, store: _Store, part: Part | None = None) -> None:
+        self._store, self.part = store, part
         self.path, self.layout, self.complete = store.path, store.layout, store.complete
         self._lock_fd: int | None = None
         self._closed = False
         if not self.complete:
-            self._lock()
-            for partial in self.path.rglob("*.partial"):  # temp files of writes cut short by a kill
-                partial.unlink()
-        self.done: set[int] = set(np.flatnonzero(store.marks[:] >= 0).tolist())
+            self._lock(shared=part is not None)
+            if (
+                part is None
+            ):  # a rank never removes another rank's temp files: rank 0 did before the ranks met
+                remove_partial_files(self.path)
+        self.done: set[int] = set(np.flatnonzero(store.all_marks() >= 0).tolist())
+        self._marks = store.marks if part is None else store.progress[progress_name(part.size, part.rank)]
+        self._held_rows = {spec.name: held_rows(store, spec, part) for spec in store.specs} if part else {}
+        self._held: list[tuple[ArraySpec, int, int, np.ndarray]] = []  # rows of shared files, written last
+        self._held_marks: dict[int, int] = {}  # samples with rows in a shared file -> their CRC
+        self._boundary = boundary_samples(store, self._held_rows) if part else set()
         # encoded, not yet marked (write_many flush=False)
         self._staged: dict[int, dict[str, np.ndarray]] = {}
         self._token_written: dict[int, int] = {}  # staged sample -> token row its written part ends at
@@ -75,8 +99,10 @@ class CacheWriter:
         layout: Layout,
         token_counts: list[int],
         answer_counts: list[int],
+        part: Part | None = None,
     ) -> CacheWriter:
-        """Create the store at ``path``, or resume it if it holds the same fingerprint, layout and counts."""
+        """Create the store at ``path``, or resume it if it holds the same fingerprint, layout and counts; with
+        `part`, open one rank's part of a store rank 0 prepared (`prepare_parts`)."""
         path = Path(path)
         try:
             fingerprint = json.loads(json.dumps(fingerprint))
@@ -114,12 +140,48 @@ class CacheWriter:
                 raise MimicError(
                     f"{path} holds other {axis} counts per sample than this run; pick another cache path or delete it"
                 )
-        return cls(store)
+        return cls(store, part)
 
-    def _lock(self) -> None:
+    @classmethod
+    def prepare_parts(cls, path, fingerprint, layout, token_counts, answer_counts, size: int) -> list[int]:
+        """Rank 0 of a distributed extract, before the ranks open their parts: create or check the store, remove
+        temp files of killed writes, add one progress array per rank; returns the samples still missing."""
+        writer = cls.open(path, fingerprint, layout, token_counts, answer_counts)
+        try:
+            if writer.complete:
+                return []
+            for rank in range(size):
+                name = progress_name(size, rank)
+                if name not in writer._store.progress:
+                    n = len(writer)
+                    writer._store.group.create_array(
+                        name, shape=(n,), chunks=(n,), dtype="int64", fill_value=-1
+                    )
+            return writer.missing()
+        finally:
+            writer.close()
+
+    @classmethod
+    def finish_parts(cls, path) -> None:
+        """Rank 0, after every rank's `write_held`: fold the progress marks into sample_crc, drop the progress
+        arrays and mark the store complete (refused while any sample is missing)."""
+        store = _Store(Path(path), "r+")
+        marks = store.all_marks()
+        missing = int((marks < 0).sum())
+        if missing:
+            raise MimicError(
+                f"{path}: {missing} of {len(store)} samples are missing after every rank finished"
+            )
+        store.marks[:] = marks
+        for name in store.progress:
+            shutil.rmtree(store.path / name)
+        store.group.attrs["complete"] = True
+
+    def _lock(self, shared: bool = False) -> None:
         fd = os.open(self.path, os.O_RDONLY)  # flock on the store directory itself: no extra file
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            # the ranks of one distributed extract share the lock; a single writer holds it alone
+            fcntl.flock(fd, (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | fcntl.LOCK_NB)
         except BlockingIOError:
             os.close(fd)
             raise MimicError(
@@ -268,13 +330,45 @@ class CacheWriter:
                 self._token_written[run[len(whole)]] = stop
             if whole:  # only now do these samples count as written: one marker write for the whole run
                 crcs = [checksum(self.layout, self._staged[i]) for i in whole]
-                self._store.marks[whole[0] : whole[-1] + 1] = np.array(crcs)
+                held = [i for i in whole if i in self._boundary]  # marked once their shared files are in
+                self._held_marks.update({i: c for i, c in zip(whole, crcs) if i in self._boundary})
+                marks = self._marks[whole[0] : whole[-1] + 1]
+                new = np.array(crcs)
+                if held:
+                    new = np.where(np.isin(np.array(whole), held), marks, new)
+                self._marks[whole[0] : whole[-1] + 1] = new
                 for i in whole:
                     del self._staged[i]
                     self._token_written.pop(i, None)
-                self.done.update(whole)
+                self.done.update(i for i in whole if i not in self._boundary)
 
     def _put(self, spec: ArraySpec, start: int, end: int, rows: np.ndarray) -> None:
+        """Write ``rows`` to rows [start, end) of spec's array, less the rows of files shared with another rank
+        (held for `write_held`)."""
+        for a, b in self._held_rows.get(spec.name, ()):
+            lo, hi = max(a, start), min(b, end)
+            if lo < hi:
+                self._held.append((spec, lo, hi, spec.take(rows, lo - start, hi - start).copy()))
+                if lo > start:
+                    self._put(spec, start, lo, spec.take(rows, 0, lo - start))
+                if hi < end:
+                    self._put(spec, hi, end, spec.take(rows, hi - start, end - start))
+                return
+        self._put_rows(spec, start, end, rows)
+
+    def write_held(self) -> None:
+        """Write the rows of the files this part shares with its neighbours and mark the samples they complete.
+        The ranks call it one after another (distributed.barrier between them): each file has one writer."""
+        self.flush()
+        for spec, a, b, rows in self._held:
+            self._store.arrays[spec.name][spec.rows(a, b)] = rows
+        self._held.clear()
+        for i, crc in sorted(self._held_marks.items()):
+            self._marks[i] = crc
+            self.done.add(i)
+        self._held_marks.clear()
+
+    def _put_rows(self, spec: ArraySpec, start: int, end: int, rows: np.ndarray) -> None:
         """Write ``rows`` to rows [start, end) of spec's array: the shards it covers whole by ShardWriter, the rest
         (a head or tail shard written in part) through zarr."""
         shards, zarr_rows = self._shards.get(spec.name), [(start, end)]
@@ -302,6 +396,12 @@ class CacheWriter:
             return
         self._check_open()
         self.flush()
+        if self.part is not None:
+            raise MimicError("a distributed part is finished by write_held and rank 0's finish_parts")
+        if self._store.progress:  # marks left by a killed distributed extract
+            self._store.marks[:] = self._store.all_marks()
+            for name in self._store.progress:
+                shutil.rmtree(self.path / name)
         missing = int((self._store.marks[:] < 0).sum())
         if missing:
             raise MimicError(
@@ -331,6 +431,46 @@ class CacheWriter:
 
     def __del__(self) -> None:
         self.close(wait=False)  # garbage collection may run this on any thread
+
+
+def progress_name(size: int, rank: int) -> str:
+    return f"progress_{size}_{rank}"
+
+
+def remove_partial_files(path: Path) -> None:
+    for partial in path.rglob("*.partial"):  # temp files of writes cut short by a kill
+        partial.unlink()
+
+
+def _file_rows(store: _Store, spec: ArraySpec) -> int:
+    """Rows of spec's ragged axis per file: a shard for sharded arrays, a chunk otherwise."""
+    array = store.arrays[spec.name]
+    shards = getattr(array, "shards", None)
+    return (shards or array.chunks)[len(spec.lead)]
+
+
+def held_rows(store: _Store, spec: ArraySpec, part: Part) -> list[tuple[int, int]]:
+    """Row intervals of spec's array that lie in files shared with rows outside samples [first, stop)."""
+    lo, hi = store.bounds(spec, part.first, part.stop) if part.stop > part.first else (0, 0)
+    total, n = int(store.offsets[spec.axis][-1]), _file_rows(store, spec)
+    held = []
+    if hi > lo and lo % n:
+        held.append((lo, min(hi, (lo // n + 1) * n)))
+    if hi > lo and hi % n and hi < total and (not held or hi > held[-1][1]):
+        held.append((max(lo, hi // n * n, held[-1][1] if held else lo), hi))
+    return held
+
+
+def boundary_samples(store: _Store, held: dict[str, list[tuple[int, int]]]) -> set[int]:
+    """Samples with at least one row in a held interval of any array."""
+    out: set[int] = set()
+    for spec in store.specs:
+        offsets = store.offsets[spec.axis]
+        for a, b in held.get(spec.name, ()):
+            first = int(np.searchsorted(offsets, a, side="right")) - 1
+            last = int(np.searchsorted(offsets, b, side="left"))
+            out.update(range(max(first, 0), min(last, len(store))))
+    return out
 
 
 def _usable_cores() -> int:

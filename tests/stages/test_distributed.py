@@ -166,3 +166,84 @@ def test_a_killed_rank_stops_the_run_and_the_same_command_resumes_it(tmp_path):
     one, two = load_method(tmp_path / "one" / "method"), load_method(tmp_path / "two" / "method")
     for name, p in one.named_parameters():
         assert (p - getattr(two, name)).abs().max() <= 1e-5, name
+
+
+def _arrays(store: Path) -> dict:
+    import zarr
+
+    group = zarr.open_group(store, mode="r")
+    return {name: group[name][:] for name in sorted(group.array_keys())}, dict(group.attrs)
+
+
+EXTRACT = ["extract.chunk_tokens=16", "extract.batch_size=4", "extract.topk=5"]  # many shards, shared ones
+
+
+def test_two_process_extract_writes_the_one_process_store(tmp_path):
+    """Two ranks write disjoint parts of ONE store (the files their parts share written one rank after the
+    other); the store equals a one-process store array for array, byte for byte."""
+    from conftest import overrides
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    args = ["extract", *map(str, overrides(*EXTRACT))]
+    one = subprocess.run([str(BIN / "mimic"), *args, "--out", str(tmp_path / "one.zarr")], cwd=ROOT, env=env,
+                         capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert one.returncode == 0, one.stderr[-2000:]
+    command = [str(BIN / "torchrun"), "--standalone", "--nproc_per_node", "2", "--no-python", str(BIN / "mimic"),
+               *args, "--out", str(tmp_path / "two.zarr")]  # fmt: skip
+    two = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert two.returncode == 0, two.stderr[-3000:]
+    (a, attrs_a), (b, attrs_b) = _arrays(tmp_path / "one.zarr"), _arrays(tmp_path / "two.zarr")
+    assert a.keys() == b.keys() and attrs_a == attrs_b and attrs_b["complete"] is True
+    assert not [k for k in b if k.startswith("progress_")]
+    for name in a:
+        assert a[name].dtype == b[name].dtype and (a[name] == b[name]).all(), name
+    from pipeline.cache.store import CacheReader
+
+    reader = CacheReader.open(tmp_path / "two.zarr")  # every sample's CRC checks out
+    assert len(reader.read_many(list(range(len(reader))))) == len(reader)
+
+
+def test_a_rank_killed_mid_extract_then_a_rerun_completes_the_same_store(tmp_path):
+    import signal
+    import time
+
+    from conftest import overrides
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    more = [
+        *EXTRACT,
+        "data.train={kind: embedded, task: color, split: support, n: 100, seed: 0}",
+        "data.n_train=60",
+    ]
+    args = ["extract", *map(str, overrides(*more))]
+    one = subprocess.run([str(BIN / "mimic"), *args, "--out", str(tmp_path / "one.zarr")], cwd=ROOT, env=env,
+                         capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert one.returncode == 0, one.stderr[-2000:]
+    out = tmp_path / "two.zarr"
+    command = [str(BIN / "torchrun"), "--standalone", "--nproc_per_node", "2", "--no-python", str(BIN / "mimic"),
+               *args, "--out", str(out)]  # fmt: skip
+    proc = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    marked = out / "progress_2_0" / "c" / "0"  # rank 0 has marked its first samples
+    deadline = time.time() + 240
+    while not marked.exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.005)
+    ranks = subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True, text=True).stdout.split()
+    assert marked.exists() and ranks, "the kill came too late"
+    os.kill(int(ranks[-1]), signal.SIGKILL)
+    proc.wait(timeout=240)
+    assert proc.returncode != 0
+    import zarr
+
+    assert (
+        zarr.open_group(out, mode="r").attrs["complete"] is False
+    )  # not complete while a rank did not finish
+    rerun = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    import re
+
+    redone = [int(n) for n in re.findall(r"extracting (\d+) of 60 samples", rerun.stderr)]
+    assert len(redone) == 2 and 0 < sum(redone) < 60  # each rank resumed: the marked samples were kept
+    (a, attrs_a), (b, attrs_b) = _arrays(tmp_path / "one.zarr"), _arrays(out)
+    assert a.keys() == b.keys() and attrs_a == attrs_b
+    for name in a:
+        assert (a[name] == b[name]).all(), name
