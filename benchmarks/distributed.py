@@ -1,4 +1,4 @@
-"""`mimic train` and `mimic evaluate` in 1 process vs 2 under `torchrun` (gloo on CPU): wall time of each.
+"""`mimic extract`, `train` and `evaluate` in 1 process vs 2 under `torchrun` (gloo on CPU): wall time of each.
 
     .venv/bin/python benchmarks/distributed.py        # ~2 minutes on 2 cores
 
@@ -43,6 +43,7 @@ def main() -> None:
         subprocess.run([*mimic, "train", "--cache", str(tmp / "c.zarr"), "--run-dir", str(tmp / "shift0")],
                        cwd=ROOT, check=True, capture_output=True)  # fmt: skip
         stages = {
+            "extract": lambda run: ["extract", "--out", str(tmp / run / "c.zarr")],
             "train": lambda run: ["train", "--cache", str(tmp / "c.zarr"), "--run-dir", str(tmp / run)],
             "evaluate": lambda run: ["evaluate", "--run-dir", str(tmp / "shift0"), "--metrics",
                                      str(tmp / run / "m.json"), "--predictions", str(tmp / run / "p.jsonl")],
@@ -54,6 +55,7 @@ def main() -> None:
                     launcher, threads = (mimic, 2) if n == 1 else (torchrun, 1)
                     times[stage, n].append(seconds([*launcher, *build(f"{stage}{n}-{r}")], threads))
     print("embedded default, 200 training / 200 evaluation queries, wall seconds (median of rounds)")
+    print("(evaluate scores every method of evaluate.methods plus one trained run)")
     print(f"{'stage':<9} {'1 process':>10} {'2 processes':>12} {'speed-up':>9}")
     for stage in stages:
         one, two = statistics.median(times[stage, 1]), statistics.median(times[stage, 2])
