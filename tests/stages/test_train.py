@@ -22,6 +22,17 @@ PARAMS = ROOT / "params.yaml"
 TRAIN = [*SMALL, "train.epochs=6", "train.batch_size=4", "methods.mimic.lr=0.1"]
 
 
+def kill_after_first_checkpoint(args: list[str], run_dir) -> None:
+    """Run `mimic <args> --run-dir run_dir` and SIGKILL it as soon as its first checkpoint is written."""
+    command = [sys.executable, "-m", "stages.cli", *args, "--run-dir", str(run_dir)]
+    proc = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while not (run_dir / "checkpoint.pt").exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.02)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+
+
 @pytest.fixture(scope="module")
 def store(tmp_path_factory):
     out = tmp_path_factory.mktemp("train") / "teacher.zarr"
@@ -59,13 +70,7 @@ def test_killed_run_resumes_to_the_same_shift(store, tmp_path):
     full = tmp_path / "full"
     cli(*args, "--run-dir", full, check=True)
     resumed = tmp_path / "resumed"
-    command = [sys.executable, "-m", "stages.cli", *args, "--run-dir", str(resumed)]
-    proc = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 120
-    while not (resumed / "checkpoint.pt").exists() and time.time() < deadline and proc.poll() is None:
-        time.sleep(0.05)
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
+    kill_after_first_checkpoint(args, resumed)
     assert not (resumed / "method").exists()
     assert torch.load(resumed / "checkpoint.pt", weights_only=True)["epoch"] < 3
     cli(*args, "--run-dir", resumed, check=True)
@@ -98,13 +103,7 @@ def test_killed_lora_run_resumes_to_the_same_adapter(store, tmp_path, name):
     ]
     full, resumed = tmp_path / "full", tmp_path / "resumed"
     cli(*args, "--run-dir", full, check=True)
-    command = [sys.executable, "-m", "stages.cli", *args, "--run-dir", str(resumed)]
-    proc = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 120
-    while not (resumed / "checkpoint.pt").exists() and time.time() < deadline and proc.poll() is None:
-        time.sleep(0.02)
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
+    kill_after_first_checkpoint(args, resumed)
     assert torch.load(resumed / "checkpoint.pt", weights_only=True)["epoch"] < 3
     cli(*args, "--run-dir", resumed, check=True)
     a, b = load_method(full / "method"), load_method(resumed / "method")
