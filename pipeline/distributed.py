@@ -25,12 +25,16 @@ class World:
 
 
 def world() -> World:
-    """This process's place, from the launcher's environment; joins the process group (gloo on CPU, NCCL on
-    CUDA) the first time in a world of several."""
+    """This process's place, from the launcher's environment; joins the process group the first time in a world
+    of several (gloo on a CPU machine; on a CUDA machine NCCL for GPU tensors and gloo for CPU ones)."""
     size = int(os.environ.get("WORLD_SIZE", "1"))
     here = World(int(os.environ.get("RANK", "0")), size, int(os.environ.get("LOCAL_RANK", "0")))
     if size > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        if torch.cuda.is_available():  # NCCL for CUDA tensors, gloo for CPU ones and for objects and barriers
+            torch.cuda.set_device(here.local_rank)  # each rank its own GPU, also for NCCL's own buffers
+            dist.init_process_group("cpu:gloo,cuda:nccl")
+        else:
+            dist.init_process_group("gloo")
     return here
 
 

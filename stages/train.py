@@ -21,7 +21,7 @@ from pipeline.cache.store import CacheReader
 from pipeline.config import load_params
 from pipeline.distributed import rank_device, share, world
 from pipeline.errors import MimicError
-from pipeline.fingerprint import teacher_fingerprint
+from pipeline.fingerprint import content_hash, teacher_fingerprint
 from pipeline.methods import build_method, method_configs
 from pipeline.methods.io import save_method
 from pipeline.methods.vectors import FitData
@@ -86,6 +86,8 @@ def train(
     builder = PromptBuilder.for_model(loaded, params.prompt)
     method = build_method(tr.method, config, view, torch.Generator().manual_seed(tr.seed)).to(loaded.device)
     if method.fitted:  # tv, fv: one pass over the cache, choices on the validation queries
+        if here.size > 1:
+            raise MimicError(f"{tr.method} is fitted in one pass by one process: run it without torchrun")
         data = FitData(model, view, builder, reader, splits.support, splits.val, ex.k, tr.batch_size)
         return fit_method(method, data, run_dir, params, cache, teacher, replace)
     base_weights = weights_fingerprint(model)  # before LoRA enters the model
@@ -193,6 +195,7 @@ def fit_method(
     """A method fitted in one pass (tv, fv): fit, save, and write the outputs a training run writes. A run of
     the same identity already fitted only rewrites its outputs."""
     identity = {"train": vars(params.train), "method": method.config.to_dict(), "teacher": teacher}
+    identity["validation"] = content_hash(data.validation)  # the queries the layer and heads are chosen on
     identity = json.loads(
         json.dumps({**identity, "code": sources_hash("stages.train")}, sort_keys=True, default=str)
     )

@@ -39,6 +39,11 @@ class LoraMethodConfig(MethodConfig):
             raise MimicError(
                 f"r={self.r}, dropout={self.dropout}, targets={self.targets}: need r >= 1, dropout in [0, 1)"
             )
+        unknown = [t for t in self.targets if t not in PROJECTIONS]
+        if unknown:
+            raise MimicError(
+                f"targets {unknown}: LoRA adapts the self-attention projections {', '.join(PROJECTIONS)}"
+            )
 
 
 LORA = LoraMethodConfig(5e-4, 0.0, 1.0, 0.0, 0.0, r=16, alpha=32, dropout=0.05, targets=list(PROJECTIONS))
@@ -79,7 +84,10 @@ class PeftLora:
         view = ModelView(model)
         with torch.random.fork_rng(devices=[]):  # peft draws lora_A from the global generator
             torch.manual_seed(self.seed)
-            self.peft = get_peft_model(model, self.peft_config(view))
+            try:
+                self.peft = get_peft_model(model, self.peft_config(view))
+            except ValueError as err:  # e.g. no module matches the targets in this family
+                raise MimicError(f"LoRA on {type(model).__name__}: {str(err).splitlines()[0]}") from err
         if self.saved is not None:
             device = next(model.parameters()).device
             set_peft_model_state_dict(self.peft, {k: v.to(device) for k, v in self.saved.items()})

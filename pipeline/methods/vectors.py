@@ -252,7 +252,8 @@ def causal_mediation(data: FitData, mean_heads: torch.Tensor, config: FunctionVe
         target = int(builder.tokens(query).input_ids[builder.tokens(query).answer_mask][0])
         one = builder.collate([prompt])
         with torch.no_grad():
-            base = torch.softmax(model(**forward_inputs(view, one, device)).logits[0, -1].float(), -1)[target]
+            last = model(**forward_inputs(view, one, device), logits_to_keep=1, use_cache=False).logits
+            base = torch.softmax(last[0, -1].float(), -1)[target]
         # H copies of the prompt (a flat image list repeats in row order too)
         batch = {k: v.repeat(geo.num_heads, *([1] * (v.dim() - 1))) for k, v in one.items()}
         for layer in range(geo.num_layers):
@@ -266,7 +267,9 @@ def causal_mediation(data: FitData, mean_heads: torch.Tensor, config: FunctionVe
             handle = view.output_projection(layer).register_forward_pre_hook(patch)
             try:
                 with torch.no_grad():
-                    logits = model(**forward_inputs(view, batch, device)).logits[:, -1].float()
+                    # the last position's logits only, no KV cache: H copies of a k-shot prompt
+                    logits = model(**forward_inputs(view, batch, device), logits_to_keep=1, use_cache=False)
+                    logits = logits.logits[:, -1].float()
             finally:
                 handle.remove()
             effect[layer] += (torch.softmax(logits, -1)[:, target] - base).cpu()

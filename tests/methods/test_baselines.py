@@ -257,3 +257,14 @@ def test_every_method_attaches_to_every_family_and_leaves_no_trace(family_name, 
         off = model(**inputs).logits
     assert (on - base)[valid].abs().max() > 1e-4
     assert torch.equal(off, base)
+
+
+def test_a_lora_target_typo_is_one_line_before_any_model():
+    from pipeline.errors import MimicError
+    from pipeline.methods import method_configs
+
+    section = {**TRAINED["lora"][1].to_dict(), "targets": ["qproj"]}
+    with pytest.raises(
+        MimicError, match=r"targets \['qproj'\]: LoRA adapts the self-attention projections q_proj"
+    ):
+        method_configs({"lora": section})

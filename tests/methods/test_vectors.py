@@ -160,6 +160,11 @@ def test_fit_from_the_cache_chooses_on_validation_queries(fitted, name):
     assert (fitted / name / "method" / "method.safetensors").is_file()
     again = train(PARAMS, fitted / "teacher.zarr", fitted / name, [*SETTINGS, f"train.method={name}"])
     assert again["validation_ce"] == summary["validation_ce"]  # a finished fit only rewrites its outputs
+    changed = [*SETTINGS, f"train.method={name}", "data.n_val=5"]
+    other = train(PARAMS, fitted / "teacher.zarr", fitted / name, changed, replace=True)
+    assert (
+        other["validation_ce"] != summary["validation_ce"]
+    )  # other validation queries: fitted again, not reused
     if name == "fv":
         assert len(summary["heads"]) == 10 and summary["head_effects"] == sorted(
             summary["head_effects"], reverse=True
