@@ -67,19 +67,24 @@ class _FlashWithLSE(torch.autograd.Function):
 
 
 def _materialized(q, k, v, mask, is_causal: bool, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scores, log-sum-exp and softmax in float32 (float64 stays float64) whatever the input dtype: MimIC's mu
+    reads the log-sum-exp, which bf16 arithmetic would move by percents; the output is cast back."""
+    dtype = q.dtype
+    work = torch.float64 if dtype == torch.float64 else torch.float32
+    q, k, v = q.to(work), k.to(work), v.to(work)
     scores = (q @ k.transpose(-1, -2)) * scale  # (B,H,T,S)
     if is_causal:
         t, s = scores.shape[-2:]
         keep = torch.ones(t, s, dtype=torch.bool, device=q.device).tril()
         scores = scores.masked_fill(~keep, float("-inf"))
     if mask is not None:
-        scores = scores + mask
+        scores = scores + mask.to(work)
     # A fully masked row (a left-padding query) gets output 0 and lse 0, as the fused kernel gives it.
     empty = torch.isneginf(scores).all(-1, keepdim=True)  # (B,H,T,1)
     scores = scores.masked_fill(empty, 0.0)
     lse = torch.logsumexp(scores, -1).masked_fill(empty[..., 0], 0.0)  # (B,H,T)
     probs = torch.softmax(scores, -1).masked_fill(empty, 0.0)
-    return probs @ v, lse
+    return (probs @ v).to(dtype), lse  # lse stays float32 (float64), as the fused kernels give it
 
 
 def attention_with_lse(
@@ -99,11 +104,17 @@ def attention_with_lse(
     if fused is None:
         fused = q.device.type == "cpu" and q.dtype in FUSED_DTYPES
     if fused:
+        dtype = q.dtype
+        if dtype in (torch.bfloat16, torch.float16):
+            # the CPU kernel rounds its half-precision scores (lse off by ~6e-5 from float64 math on the same
+            # inputs, measured): run it in float32, so log Z2 and mu are float32 statistics, and cast the output
+            q, k, v = q.float(), k.float(), v.float()
+            mask = None if mask is None else mask.float()
         if not (torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)):
-            return _flash_cpu(
-                q, k, v, 0.0, is_causal, attn_mask=mask, scale=scale
-            )  # inference: no autograd node
-        return _FlashWithLSE.apply(q, k, v, mask, is_causal, scale)
+            out, lse = _flash_cpu(q, k, v, 0.0, is_causal, attn_mask=mask, scale=scale)  # no autograd node
+        else:
+            out, lse = _FlashWithLSE.apply(q, k, v, mask, is_causal, scale)
+        return out.to(dtype), lse
     return _materialized(q, k, v, mask, is_causal, scale)
 
 

@@ -55,15 +55,15 @@ class HiFICL(Trained):
 
     def extend(self, layer: int, query, out, lse, scale: float) -> torch.Tensor:
         """Attention over the real and the learned keys from SA's output and log-sum-exp. query/out [B, H, T, D]."""
-        keys, values = (
-            t.to(query.device, query.dtype) for t in self.pairs(layer)
-        )  # (H, P, D), the layer's device
-        scores = (query @ keys.transpose(-1, -2)) * scale  # (B, H, T, P)
-        learned = torch.logsumexp(scores.float(), -1)  # (B, H, T)
-        total = torch.logaddexp(lse.float(), learned)
-        real_share = torch.exp(lse.float() - total).to(out.dtype)[..., None]
-        weights = torch.exp(scores.float() - total[..., None]).to(out.dtype)  # (B, H, T, P)
-        return out * real_share + weights @ values
+        work = torch.float64 if query.dtype == torch.float64 else torch.float32
+        keys, values = (t.to(query.device) for t in self.pairs(layer))  # (H, P, D), on the layer's device
+        with torch.autocast(query.device.type, enabled=False):  # the softmax statistics in float32
+            scores = (query.to(work) @ keys.to(work).transpose(-1, -2)) * scale  # (B, H, T, P)
+            learned = torch.logsumexp(scores, -1)  # (B, H, T)
+            total = torch.logaddexp(lse.to(work), learned)
+            real_share = torch.exp(lse.to(work) - total).to(out.dtype)[..., None]
+            weights = torch.exp(scores - total[..., None]).to(out.dtype)  # (B, H, T, P)
+        return out * real_share + weights @ values.to(out.dtype)
 
     def attach(self, model: nn.Module) -> Handle:
         view = ModelView(model)

@@ -121,11 +121,21 @@ class MimicShift(Trained):
         return out + mu[..., None] * v[None, :, None, :]
 
     def magnitude(self, row: int, query: torch.Tensor, lse: torch.Tensor) -> torch.Tensor:
-        """mu as [B, H, T] (mimic), [B, 1, T] (head_sharing_mu) or [1, H, 1] (query_sharing_mu)."""
+        """mu as [B, H, T] (mimic), [B, 1, T] (head_sharing_mu) or [1, H, 1] (query_sharing_mu), computed in
+        float32 (float64 for float64 inputs) whatever the input dtype or autocast: log Z1 - log Z2 is a small
+        difference of large numbers, and bf16 would move mu by percents."""
+        work = torch.float64 if query.dtype == torch.float64 else torch.float32
+        with torch.autocast(query.device.type, enabled=False):
+            return self._magnitude(row, query.to(work), lse.to(work))
+
+    def _magnitude(self, row: int, query: torch.Tensor, lse: torch.Tensor) -> torch.Tensor:
         if self.spec.variant == "query_sharing_mu":
-            return torch.sigmoid(self.m[row].to(query.device))[None, :, None]
-        w, b = self.w[row].to(query.device), self.b[row].to(query.device)  # (H, D), (H|1)
-        per_head = (query.to(w.dtype) @ w.unsqueeze(-1)).squeeze(-1)  # (B, H, T)
+            return torch.sigmoid(self.m[row].to(query.device, query.dtype))[None, :, None]
+        w, b = (
+            self.w[row].to(query.device, query.dtype),
+            self.b[row].to(query.device, query.dtype),
+        )  # (H, D), (H|1)
+        per_head = (query @ w.unsqueeze(-1)).squeeze(-1)  # (B, H, T)
         if self.spec.variant == "head_sharing_mu":
             log_z1 = per_head.sum(1, keepdim=True) + b[None, :, None]  # (B, 1, T)
             log_z2 = lse.to(log_z1.dtype).mean(
