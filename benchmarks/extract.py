@@ -51,8 +51,9 @@ def teacher_forwards(overrides: list[str], hooks: bool) -> float:
             )
             if hooks:
                 forward_query_states(
-                    loaded.model, loaded.view, batch, lengths, ex.site, layers, ex.topk, all_logits=False
-                )
+                    loaded.model, loaded.view, batch, lengths, ex.site, layers, ex.topk, all_logits=False,
+                    last_token=ex.last_token,  # the last-prompt-token signals too, as the stage records them
+                )  # fmt: skip
             else:
                 loaded.model(**forward_inputs(loaded.view, batch, params.model.device))
     return time.perf_counter() - start
