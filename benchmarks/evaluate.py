@@ -29,7 +29,12 @@ def main() -> None:
     args = parser.parse_args()
     logging.disable(logging.INFO)
     torch.set_num_threads(2)
-    base = ["data.n_train=64", "train.epochs=1", f"data.n_eval={args.n_eval}"]
+    base = [
+        "data.n_train=64",
+        "train.epochs=1",
+        f"data.n_eval={args.n_eval}",
+        "evaluate.methods=[zero_shot, icl]",
+    ]
     reports = []
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)

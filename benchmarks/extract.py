@@ -71,6 +71,7 @@ def main() -> None:
         f"data.train={{kind: embedded, task: color, split: support, n: {200 + args.n_train}, seed: 0}}",
         f"data.n_train={args.n_train}",
         "data.n_support=200",
+        "data.n_val=0",  # no validation queries: only tv and fv use them
     ]
     rows, sizes = [], {}
     with tempfile.TemporaryDirectory() as tmp:

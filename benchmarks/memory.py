@@ -39,7 +39,7 @@ def peak_mib(*args: str) -> float:
 def write_params(path: Path, checkpoint: Path, train: dict, evaluation: dict, n: int, family_k: int) -> Path:
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
     params["model"]["name"] = str(checkpoint)
-    params["data"].update(train=train, eval=evaluation, n_support=200, n_train=n, n_eval=n)
+    params["data"].update(train=train, eval=evaluation, n_support=200, n_train=n, n_eval=n, n_val=0)
     params["extract"].update(k=family_k, batch_size=16)
     params["train"].update(epochs=1, batch_size=8)
     params["evaluate"].update(k=family_k, batch_size=32, max_new_tokens=3)

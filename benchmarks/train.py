@@ -46,6 +46,7 @@ def main() -> None:
             f"evaluate.k={k}",
             f"data.n_train={args.n_train}",
             "data.n_support=200",
+            "data.n_val=0",  # no validation queries: only tv and fv use them
             f"data.train={{kind: embedded, task: color, split: support, n: {200 + args.n_train}, seed: 0}}",
             "train.epochs=2",
             "extract.batch_size=8",

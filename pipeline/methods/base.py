@@ -131,3 +131,8 @@ class Trained(nn.Module):
         if not isinstance(method, cls):
             raise MimicError(f"{directory} holds a {method.name} method, not {cls.name}")
         return method
+
+
+def raise_mismatch(method: Trained, view: ModelView) -> None:
+    """One line: the method's shapes do not fit this model."""
+    raise MimicError(f"{method.name} was built for {method.layout()}; this model has {view.geometry}")

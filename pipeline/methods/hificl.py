@@ -16,8 +16,7 @@ import torch
 from torch import nn
 
 from pipeline.families import ModelView
-from pipeline.methods.base import Handle, MethodConfig, Trained
-from pipeline.methods.live import raise_mismatch
+from pipeline.methods.base import Handle, MethodConfig, Trained, raise_mismatch
 from pipeline.methods.routing import Route, route_layers
 
 DEFAULT = MethodConfig(lr=0.005, weight_decay=1e-3, ce_weight=1.0, align_weight=0.0, kl_weight=0.0)
@@ -70,17 +69,8 @@ class HiFICL(Trained):
         g = view.geometry
         if (g.num_layers, g.num_heads, g.head_dim) != tuple(self.layout().values()):
             raise_mismatch(self, view)
-        routes = {layer: _PairsRoute(self, layer) for layer in range(g.num_layers)}
+        routes = {
+            layer: Route(self, lambda q, o, lse, scale, layer=layer: self.extend(layer, q, o, lse, scale))
+            for layer in range(g.num_layers)
+        }
         return Handle(self, [route_layers(view, routes)])
-
-
-class _PairsRoute(Route):
-    def __init__(self, owner: HiFICL, layer: int):
-        self.owner, self.layer = owner, layer
-
-    @property
-    def enabled(self) -> bool:
-        return self.owner.enabled
-
-    def shift(self, query, out, lse, scale):
-        return self.owner.extend(self.layer, query, out, lse, scale)

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from pipeline.families import ModelView
-from pipeline.methods.base import Handle, MethodConfig, Trained
+from pipeline.methods.base import Handle, MethodConfig, Trained, raise_mismatch
 
 DEFAULT = MethodConfig(lr=0.03, weight_decay=1e-3, ce_weight=0.5, align_weight=0.0, kl_weight=1.0)
 
@@ -60,9 +60,3 @@ class Live(Trained):
             return self.shift_hidden(layer, output) if self.enabled else None
 
         return hook
-
-
-def raise_mismatch(method: Trained, view: ModelView) -> None:
-    from pipeline.errors import MimicError
-
-    raise MimicError(f"{method.name} was built for {method.layout()}; this model has {view.geometry}")

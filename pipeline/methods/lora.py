@@ -125,9 +125,6 @@ class PeftLora:
             raise MimicError(f"no LoRA weights in {directory}: {PEFT_WEIGHTS} is missing")
         self.saved = load_file(str(path))
 
-    def count(self, view_or_none=None) -> int:
-        return sum(v.numel() for v in self.state().values())
-
 
 class Lora(Trained):
     name = "lora"

@@ -152,20 +152,11 @@ class MimicShift(Trained):
         """
         view = ModelView(model)
         check_fits(self.spec, view)
-        routes = {layer: _ShiftRoute(self, row) for row, layer in enumerate(self.spec.layers)}
+        routes = {
+            layer: Route(self, lambda q, o, lse, _scale, row=row: self.shift_attention(row, q, o, lse))
+            for row, layer in enumerate(self.spec.layers)
+        }
         return Handle(self, [route_layers(view, routes)])
-
-
-class _ShiftRoute(Route):
-    def __init__(self, shift: MimicShift, row: int):
-        self.owner, self.row = shift, row
-
-    @property
-    def enabled(self) -> bool:
-        return self.owner.enabled
-
-    def shift(self, query, out, lse, scale):
-        return self.owner.shift_attention(self.row, query, out, lse)
 
 
 def check_fits(spec: ShiftSpec, view: ModelView) -> None:

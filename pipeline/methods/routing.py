@@ -12,7 +12,6 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
-from torch import nn
 from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_forward
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
@@ -28,14 +27,18 @@ ROUTE = "mimic_route"  # attribute of a routed attention module
 class Route:
     """One layer's attention under a method: `shift(query, out, lse, scale)` changes SDPA's output.
 
-    query/out [B, H, T, D] and lse [B, H, T] come from one fused call (q after RoPE, KV heads expanded);
-    `enabled` False gives plain SDPA (compare with and without a method, no reload needed).
+    query/out [B, H, T, D] and lse [B, H, T] come from one fused call (q after RoPE, KV heads expanded); while
+    the owning method's `enabled` is False the layer gets plain SDPA (compare with and without, no reload).
     """
 
-    enabled = True
+    def __init__(
+        self, owner, shift: Callable[[torch.Tensor, torch.Tensor, torch.Tensor, float], torch.Tensor]
+    ):
+        self.owner, self.shift = owner, shift
 
-    def shift(self, query: torch.Tensor, out: torch.Tensor, lse: torch.Tensor, scale: float) -> torch.Tensor:
-        raise NotImplementedError
+    @property
+    def enabled(self) -> bool:
+        return self.owner.enabled
 
 
 class _MaskCache:
@@ -132,7 +135,3 @@ def route_layers(view: ModelView, routes: dict[int, Route]) -> Callable[[], None
             _set_text_attention(view, previous if previous not in (None, ATTN_NAME) else "sdpa")
 
     return remove
-
-
-def routed(module: nn.Module) -> Route | None:
-    return getattr(module, ROUTE, None)

@@ -17,7 +17,6 @@ from __future__ import annotations
 import dataclasses
 import logging
 import random
-from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 
 import torch
@@ -68,6 +67,19 @@ class FitData:
     validation: list  # data.n_val queries from the training pool
     k: int  # demonstrations per prompt, as the teacher's
     batch_size: int
+    _batches: list | None = None
+
+    def validation_batches(self) -> list[tuple[dict, torch.Tensor]]:
+        """The zero-shot validation prompts with their answers, batched, and each row's last prompt position:
+        built once for every candidate layer."""
+        if self._batches is None:
+            self._batches = []
+            for first in range(0, len(self.validation), self.batch_size):
+                queries = self.validation[first : first + self.batch_size]
+                batch = self.builder.collate([self.builder.student(q) for q in queries])
+                lengths = [len(self.builder.tokens(q).input_ids) for q in queries]
+                self._batches.append((batch, last_prompt_positions(batch["answer_mask"], lengths)))
+        return self._batches
 
 
 class LastTokenVector(Trained):
@@ -207,11 +219,8 @@ def validation_ce(method: LastTokenVector, data: FitData) -> float:
     device = next(data.model.parameters()).device
     total, count = 0.0, 0
     with method.attach(data.model), torch.no_grad():
-        for first in range(0, len(data.validation), data.batch_size):
-            queries = data.validation[first : first + data.batch_size]
-            batch = data.builder.collate([data.builder.student(q) for q in queries])
-            lengths = [len(data.builder.tokens(q).input_ids) for q in queries]
-            method.positions = last_prompt_positions(batch["answer_mask"], lengths)
+        for batch, positions in data.validation_batches():
+            method.positions = positions
             try:
                 logits = data.model(**forward_inputs(data.view, batch, device), use_cache=False).logits
             finally:
@@ -274,7 +283,3 @@ def causal_mediation(data: FitData, mean_heads: torch.Tensor, config: FunctionVe
                 handle.remove()
             effect[layer] += (torch.softmax(logits, -1)[:, target] - base).cpu()
     return effect / config.mediation_prompts
-
-
-def fitted_methods() -> Sequence[type]:
-    return (TaskVector, FunctionVector)
