@@ -141,6 +141,7 @@ class Params:
     train: TrainConfig
     methods: dict  # method name -> its section (lr, loss weights, method-specific fields): pipeline.methods
     trained: list[str]  # the methods `dvc repro` trains (one train stage each, runs/<name>) and evaluates
+    seeds: list[int]  # `dvc repro` runs the pipeline once per seed (extract, train and evaluate seeds)
     evaluate: EvaluateConfig
 
     def __post_init__(self):
@@ -155,6 +156,8 @@ class Params:
                 f"evaluate.methods: unknown {unknown}; choose from {', '.join(PROMPT_METHODS)} (trained methods "
                 "are evaluated from their run directories)"
             )
+        if not self.seeds or len(set(self.seeds)) != len(self.seeds):
+            raise MimicError(f"seeds: {self.seeds}; list at least one seed, each once")
         for field, k in (("extract.k", self.extract.k), ("evaluate.k", self.evaluate.k)):
             if k > self.data.n_support:
                 raise MimicError(f"{field}={k} demonstrations, but data.n_support={self.data.n_support}")

@@ -67,3 +67,56 @@ def method_scores(scores: dict[str, float], metric: str, path: Path) -> None:
                     va="bottom", fontsize=9)  # fmt: skip
     ax.set(ylabel=metric, ylim=(0, max(100.0, *scores.values()) * 1.08), title="score per method")
     _save(fig, path)
+
+
+def interval_scores(summary: dict, path: Path) -> None:
+    """One bar per method at its mean over the seeds, the 95% interval as an error bar, each seed a dot."""
+    rows = summary["detail"]
+    names = list(rows)
+    fig, ax = plt.subplots(figsize=(1.4 + 1.1 * len(names), 3.6))
+    means = [rows[n]["mean"] for n in names]
+    ax.bar(
+        names,
+        means,
+        yerr=[rows[n]["ci95"] for n in names],
+        capsize=4,
+        color=plt.cm.tab10.colors[: len(names)],
+    )
+    for i, name in enumerate(names):
+        ax.scatter([i] * len(rows[name]["seeds"]), rows[name]["seeds"], color="black", s=8, zorder=3)
+    top = max([100.0, *(rows[n]["high"] for n in names)])
+    ax.set(
+        ylabel=summary["metric"],
+        ylim=(0, top * 1.05),
+        title=f"mean and 95% interval over {len(summary['seeds'])} seeds",
+    )
+    ax.tick_params(axis="x", labelrotation=30)
+    _save(fig, path)
+
+
+def curve(result: dict, series: list[tuple[str, str]], xlabel: str, path: Path, keys=None, line=None) -> None:
+    """Accuracy curves of `mimic curves`: each (series, label) of `result["points"]` as its means with the 95%
+    intervals as error bars, x the points' keys (restricted to `keys`); `line` = (series, key, label) draws that
+    one point as a horizontal line with its interval as a band."""
+    fig, ax = plt.subplots(figsize=(6, 3.8))
+    points = result["points"]
+    for (name, label), colour in zip(series, plt.cm.tab10.colors):
+        xs = [x for x in points[name] if keys is None or x in keys]
+        rows = [points[name][x] for x in xs]
+        ax.errorbar([int(x) for x in xs], [r["mean"] for r in rows], yerr=[r["ci95"] for r in rows], marker="o",
+                    capsize=3, label=label, color=colour)  # fmt: skip
+    if line is not None:
+        name, key, label = line
+        row = points[name][key]
+        ax.axhline(row["mean"], color="#555555", linestyle="--", label=label)
+        ax.axhspan(row["low"], row["high"], color="#555555", alpha=0.15)
+    if xlabel == "training queries":
+        ax.set_xscale("log", base=2)
+    ax.set(
+        xlabel=xlabel,
+        ylabel=result["metric"],
+        ylim=(0, 100),
+        title=f"mean and 95% interval over {len(result['seeds'])} seeds",
+    )
+    ax.legend(frameon=False)
+    _save(fig, path)

@@ -75,7 +75,12 @@ def sources_hash(module: str) -> str:
     return digest.hexdigest()[:16]
 
 
-STAGES = {"extract": "stages.extract", "train": "stages.train", "evaluate": "stages.evaluate"}
+STAGES = {
+    "extract": "stages.extract",
+    "train": "stages.train",
+    "evaluate": "stages.evaluate",
+    "summarize": "stages.summarize",
+}
 
 
 def update_dvc_yaml(path: Path) -> None:

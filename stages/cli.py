@@ -121,6 +121,49 @@ def evaluate_command(
         typer.echo(format_report(report))
 
 
+@app.command("summarize")
+def summarize_command(
+    root: Path = typer.Option(
+        Path("metrics/seeds"), help="Folder of the seeds' evaluations (seed<s>/evaluate.json)."
+    ),
+    out: Path = typer.Option(
+        Path("metrics/summary.json"), help="Summary JSON; its .md table and .png beside it."
+    ),
+    params: Path = PARAMS,
+    set_: list[str] = SET,
+) -> None:
+    """Each method's mean score and 95% interval over the seeds of params.yaml `seeds` (reads seeds)."""
+    from stages.summarize import summarize
+
+    typer.echo(summarize(params, root, out, set_)["table"])
+
+
+@app.command("curves")
+def curves_command(
+    out: Path = typer.Option(Path("plots"), help="Folder for the two PNG curves and curves.json."),
+    work: Path = typer.Option(Path("cache/curves"), help="Teacher caches, runs and evaluations (reused)."),
+    shots: str = typer.Option("0,1,2,4,8", help="Demonstration counts k, comma-separated."),
+    queries: str = typer.Option("25,50,100,200,400", help="Training query counts, comma-separated."),
+    params: Path = PARAMS,
+    set_: list[str] = SET,
+) -> None:
+    """Accuracy vs shots (ICL; MimIC from a k-shot teacher) and vs training queries (MimIC; ICL as a line), each
+    point over the seeds of params.yaml `seeds` (reads every section)."""
+    from stages.curves import curves
+
+    def numbers(text: str, option: str) -> list[int]:
+        try:
+            return [int(part) for part in text.split(",") if part.strip()]
+        except ValueError:
+            raise MimicError(f"{option} {text!r}: give whole numbers separated by commas") from None
+
+    result = curves(params, out, work, numbers(shots, "--shots"), numbers(queries, "--queries"), set_)
+    for series, by_x in result["points"].items():
+        line = ", ".join(f"{x}: {p['mean']:.1f} +- {p['ci95']:.1f}" for x, p in by_x.items())
+        typer.echo(f"{series}: {line}")
+    typer.echo(f"curves written to {out}")
+
+
 @app.command("report")
 def report_command(
     metrics: Path = typer.Argument(

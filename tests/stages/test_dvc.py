@@ -49,8 +49,9 @@ def dvc(*args, cwd: Path, check: bool = True) -> subprocess.CompletedProcess:
 
 def write_params(path: Path, *extra: str) -> None:
     raw = yaml.safe_load((ROOT / "params.yaml").read_text())
-    # two of the trained methods: enough to show one train stage per method, each from the one cache
-    settings = [*SMALL, "train.epochs=1", "trained=[mimic, live]", *extra]
+    # two of the trained methods and two seeds: enough to show one train stage per method and seed, every method
+    # of a seed from its one cache
+    settings = [*SMALL, "train.epochs=1", "trained=[mimic, live]", "seeds=[0, 1]", *extra]
     path.write_text(yaml.safe_dump(apply_overrides(raw, settings, "params.yaml")))
 
 
@@ -83,7 +84,8 @@ def changed_stages(root: Path) -> set[str]:
 
 def test_stage_dependencies_are_exactly_the_files_each_recipe_imports():
     stages = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
-    stages["train"] = stages["train"]["do"]  # foreach: one stage per method
+    for name in ("extract", "evaluate"):
+        stages[name] = stages[name]["do"]  # foreach: one stage per seed
     for stage, module in STAGES.items():
         listed = {d for d in stages[stage]["deps"] if d.endswith(".py")}
         assert listed == set(stage_sources(module)), f"{stage}: run `python -m pipeline.sources dvc.yaml`"
@@ -110,26 +112,32 @@ def test_stage_dependencies_are_exactly_the_files_each_recipe_imports():
 def test_repro_reuses_what_did_not_change_by_parameters_and_by_code(tmp_path):
     root = project(tmp_path)
     first = dvc("repro", cwd=root)
-    assert "Running stage 'extract'" in first.stdout and "Running stage 'evaluate'" in first.stdout
-    # the last thing printed by the evaluate stage is its per-method table
-    assert re.search(r"^mimic\s+[\d.]+\s+[\d.]+", first.stdout, re.M)
-    store = root / "cache" / "teacher.zarr"
-    stamp = {p: p.stat().st_mtime_ns for p in store.rglob("*") if p.is_file()}
+    ran = set(re.findall(r"Running stage '([^']+)'", first.stdout))
+    seeded = lambda *names: {f"{n}@{s}" for n in names for s in (0, 1)}  # noqa: E731
+    trains = {f"train@{m}-{s}" for m in ("mimic", "live") for s in (0, 1)}
+    assert ran == seeded("extract", "evaluate") | trains | {"summarize"}
+    # the last thing printed is the summary: each method's mean and interval over the two seeds
+    assert re.search(r"^\| mimic \| [\d.]+ \| [\d.]+ - [\d.]+ \| [\d.]+, [\d.]+ \|", first.stdout, re.M)
+    stores = [root / "cache" / f"seed{s}" / "teacher.zarr" for s in (0, 1)]
+    stamp = {p: p.stat().st_mtime_ns for store in stores for p in store.rglob("*") if p.is_file()}
+    assert stamp and all(store.is_dir() for store in stores)
 
     write_params(root / "params.yaml", "methods.mimic.lr=0.01")
     second = dvc("repro", cwd=root)
-    assert "Running stage 'extract'" not in second.stdout
-    assert "Running stage 'train@mimic'" in second.stdout and "Running stage 'evaluate'" in second.stdout
-    assert "Running stage 'train@live'" not in second.stdout  # one method's parameters: that method only
-    assert stamp == {p: p.stat().st_mtime_ns for p in store.rglob("*") if p.is_file()}
+    ran = set(re.findall(r"Running stage '([^']+)'", second.stdout))
+    # one method's parameters: that method's stages (each seed) and what reads them, no teacher
+    assert ran == {"train@mimic-0", "train@mimic-1", "summarize"} | seeded("evaluate")
+    assert stamp == {p: p.stat().st_mtime_ns for store in stores for p in store.rglob("*") if p.is_file()}
 
+    evaluate, train = seeded("evaluate"), trains
     for edited, expected in (
-        ("pipeline/metrics/vqa.py", {"evaluate"}),  # evaluation-only code
-        ("pipeline/evaluation.py", {"evaluate"}),
+        ("pipeline/metrics/vqa.py", evaluate | {"summarize"}),  # evaluation-only code
+        ("pipeline/evaluation.py", evaluate | {"summarize"}),
+        ("pipeline/summary.py", {"summarize"}),
         # training code: the teacher cache stays valid (evaluate imports the methods, whose fitting uses it)
-        ("pipeline/training.py", {"train@mimic", "train@live", "evaluate"}),
-        ("pipeline/methods/hificl.py", {"train@mimic", "train@live", "evaluate"}),
-        ("pipeline/prompts.py", {"extract", "train@mimic", "train@live", "evaluate"}),
+        ("pipeline/training.py", train | evaluate | {"summarize"}),
+        ("pipeline/methods/hificl.py", train | evaluate | {"summarize"}),
+        ("pipeline/prompts.py", seeded("extract") | train | evaluate | {"summarize"}),
     ):
         path = root / edited
         original = path.read_text()
@@ -139,16 +147,23 @@ def test_repro_reuses_what_did_not_change_by_parameters_and_by_code(tmp_path):
     assert changed_stages(root) == set()
 
     shown = json.loads(dvc("metrics", "show", "--json", cwd=root).stdout)
-    metrics = next(iter(shown.values()))["data"]["metrics/evaluate.json"]["data"]
-    assert {"zero_shot", "icl", "rices", "mimic", "live"} == set(metrics["score"])
-    assert all(0 <= metrics["score"][m] <= 100 for m in ("zero_shot", "icl", "rices", "mimic", "live"))
+    tracked = next(iter(shown.values()))["data"]["metrics/summary.json"]["data"]
+    methods = ("zero_shot", "icl", "rices", "mimic", "live")
+    summary = json.loads((root / "metrics" / "summary.json").read_text())
+    assert tracked["mean"] == summary["mean"] and set(summary["mean"]) == set(methods)  # DVC shows the numbers
+    assert summary["seeds"] == [0, 1]
+    for seed in (0, 1):  # the summary holds each seed's own evaluation
+        evaluation = root / "metrics" / "seeds" / f"seed{seed}" / "evaluate.json"
+        scores = json.loads(evaluation.read_text())["score"]
+        assert all(summary["detail"][m]["seeds"][seed] == scores[m] for m in methods)
+    assert all(0 <= summary["detail"][m]["low"] <= summary["mean"][m] <= 100 for m in methods)
 
 
 def test_a_killed_repro_resumes_training_and_a_rerun_keeps_its_figures(tmp_path):
     extra = ("train.epochs=4", "train.batch_size=4")
     root = project(tmp_path, *extra)
     dvc("repro", "extract", cwd=root)
-    checkpoint = root / "runs" / "mimic" / "checkpoint.pt"
+    checkpoint = root / "runs" / "seed0" / "mimic" / "checkpoint.pt"
     command = [sys.executable, "-m", "dvc", "repro"]
     proc = subprocess.Popen(command, cwd=root, env=environment(), stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL, start_new_session=True)  # fmt: skip
@@ -160,23 +175,29 @@ def test_a_killed_repro_resumes_training_and_a_rerun_keeps_its_figures(tmp_path)
     done = torch.load(checkpoint, weights_only=True)["epoch"]
     assert 1 <= done < 4, f"the kill landed after epoch {done}"
     resumed = dvc("repro", cwd=root)
-    assert f"resuming runs/mimic after epoch {done} of 4" in resumed.stderr + resumed.stdout
+    assert f"resuming runs/seed0/mimic after epoch {done} of 4" in resumed.stderr + resumed.stdout
 
     # the same run in one go, outside DVC
     cli_params = tmp_path / "params.yaml"
     write_params(cli_params, *extra)
     subprocess.run(
-        [sys.executable, "-m", "stages.cli", "train", "--params", cli_params, "--cache", root / "cache" / "teacher.zarr",
-         "--run-dir", tmp_path / "straight"], cwd=ROOT, check=True, capture_output=True,
+        [sys.executable, "-m", "stages.cli", "train", "--params", cli_params, "--cache",
+         root / "cache" / "seed0" / "teacher.zarr", "--run-dir", tmp_path / "straight", "-s", "extract.seed=0",
+         "-s", "train.seed=0"], cwd=ROOT, check=True, capture_output=True,
     )  # fmt: skip
     from pipeline.methods.io import load_method
 
-    a, b = load_method(root / "runs" / "mimic" / "method"), load_method(tmp_path / "straight" / "method")
+    a, b = (
+        load_method(root / "runs" / "seed0" / "mimic" / "method"),
+        load_method(tmp_path / "straight" / "method"),
+    )
     assert all(torch.allclose(p, getattr(b, n), atol=1e-7) for n, p in a.named_parameters())
 
-    info = (root / "runs" / "mimic" / "train_info.json").read_text()
-    dvc("repro", "--force", "train@mimic", cwd=root)  # a finished run again: outputs rewritten, figures kept
-    assert (root / "runs" / "mimic" / "train_info.json").read_text() == info
+    info = (root / "runs" / "seed0" / "mimic" / "train_info.json").read_text()
+    dvc(
+        "repro", "--force", "train@mimic-0", cwd=root
+    )  # a finished run again: outputs rewritten, figures kept
+    assert (root / "runs" / "seed0" / "mimic" / "train_info.json").read_text() == info
 
 
 def test_experiments_keep_their_metrics_and_plots(tmp_path):
@@ -194,8 +215,8 @@ def test_experiments_keep_their_metrics_and_plots(tmp_path):
                 continue
             names.append(revision.get("name") or data.get("rev"))
             metrics = data["metrics"]
-            assert metrics["runs/mimic/train_summary.json"]["data"]["align"] > 0, revision
-            scores = set(metrics["metrics/evaluate.json"]["data"]["score"])
+            assert metrics["runs/seed0/mimic/train_summary.json"]["data"]["align"] > 0, revision
+            scores = set(metrics["metrics/summary.json"]["data"]["mean"])
             assert scores == {"zero_shot", "icl", "rices", "mimic", "live"}
     assert "lower-lr" in names
 
@@ -205,17 +226,17 @@ def test_experiments_keep_their_metrics_and_plots(tmp_path):
     table = dvc(*[c.strip("'") for c in command[1:]], cwd=root).stdout
     widest = max(len(line.rstrip()) for line in table.splitlines())
     assert widest <= 120, table
-    assert "methods.mimic.lr" in table and "score.mimic" in table and "score.zero_shot" in table
+    assert "methods.mimic.lr" in table and "mean.mimic" in table and "mean.zero_shot" in table
 
     assert dvc("metrics", "diff", "HEAD", cwd=root).returncode == 0
     plots = json.loads(dvc("plots", "diff", "HEAD", "lower-lr", "--json", cwd=root).stdout)["data"]
-    images = plots["runs/mimic/train_curves.png"]
+    images = plots["runs/seed0/mimic/train_curves.png"]
     assert {tuple(i["revisions"]) for i in images} == {("HEAD",), ("lower-lr",)}
     assert all(i["type"] == "image" and Path(i["url"]).read_bytes()[:4] == b"\x89PNG" for i in images)
-    assert plots["metrics/evaluate_scores.png"]
+    assert plots["metrics/summary.png"]
 
 
-@pytest.mark.parametrize("name", ["runs/mimic/train_summary.json", "metrics/evaluate.json"])
+@pytest.mark.parametrize("name", ["runs/seed0/mimic/train_summary.json", "metrics/summary.json"])
 def test_tracked_metrics_are_not_git_ignored(name):
     ignored = subprocess.run(["git", "check-ignore", "-q", name], cwd=ROOT)
     assert ignored.returncode == 1, f"{name} is git-ignored: experiments would lose it"
