@@ -2,8 +2,10 @@
 
     .venv/bin/python -m stages.build_embedded --out pipeline/embedded/assets --seed 0
 
-Reads nothing; writes the model (safetensors, config, generation config) and the processor files into
-`--out` with `save_pretrained`, then prints the wall time and per-task zero-shot / k-shot accuracy.
+Reads nothing (or, with `--init DIR`, a model that already went through phases 1 and 2 with the same seed:
+those phases then only replay their random draws); writes the model (safetensors, config, generation config)
+and the processor files into `--out` with `save_pretrained`, then prints the wall time, each attribute task's
+zero-shot / k-shot accuracy and each noisy task's accuracy at 0 to 16 shots.
 """
 
 from __future__ import annotations
@@ -14,11 +16,14 @@ from pathlib import Path
 
 import torch
 import typer
+from transformers import AutoModelForImageTextToText
 
 from pipeline.embedded.accuracy import few_shot_accuracy
 from pipeline.embedded.model import build_model, build_processor
 from pipeline.embedded.pretrain import PretrainConfig, pretrain
-from pipeline.embedded.tasks import TASKS
+from pipeline.embedded.tasks import ATTRIBUTES, NOISY_SUFFIX
+
+NOISY_SHOTS = (0, 1, 2, 4, 8, 16)
 
 logger = logging.getLogger(__name__)
 
@@ -33,13 +38,21 @@ def build(
     shots: int = typer.Option(4, help="Demonstrations per query in the k-shot evaluation."),
     n_queries: int = typer.Option(200, help="Held-out queries per task in the evaluation."),
     eval_seed: int = typer.Option(0, help="Seed of the evaluation queries and demonstrations."),
+    init: Path | None = typer.Option(
+        None,
+        help="A model after phases 1 and 2 of the same seed (e.g. the previous assets): train phase 3 only.",
+    ),
 ) -> None:
     """Pretrain with the default curriculum, save to OUT, print time and per-task accuracy."""
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     torch.set_num_threads(threads)
     start = time.perf_counter()
     processor = build_processor()
-    model = pretrain(build_model(seed), processor, PretrainConfig(), seed)
+    if init is None:
+        model = pretrain(build_model(seed), processor, PretrainConfig(), seed)
+    else:
+        start_model = AutoModelForImageTextToText.from_pretrained(init)
+        model = pretrain(start_model, processor, PretrainConfig(), seed, skip=("explicit", "icl"))
     train_seconds = time.perf_counter() - start
 
     out.mkdir(parents=True, exist_ok=True)
@@ -48,7 +61,7 @@ def build(
     logger.info("saved model and processor to %s", out)
 
     rows = []
-    for task in TASKS:
+    for task in ATTRIBUTES:
         zero = few_shot_accuracy(model, processor, task, 0, n_queries, eval_seed)
         few = few_shot_accuracy(model, processor, task, shots, n_queries, eval_seed)
         rows.append((task, zero, few))
@@ -66,6 +79,14 @@ def build(
     mean_zero = sum(r[1] for r in rows) / len(rows)
     mean_few = sum(r[2] for r in rows) / len(rows)
     print(f"| mean | {mean_zero:.3f} | {mean_few:.3f} | {mean_few - mean_zero:+.3f} |")
+    print("| noisy task | " + " | ".join(f"{k}-shot" for k in NOISY_SHOTS) + " |")
+    print("| --- |" + " --- |" * len(NOISY_SHOTS))
+    for task in ATTRIBUTES:
+        curve = [
+            few_shot_accuracy(model, processor, task + NOISY_SUFFIX, k, n_queries, eval_seed)
+            for k in NOISY_SHOTS
+        ]
+        print(f"| {task}{NOISY_SUFFIX} | " + " | ".join(f"{a:.3f}" for a in curve) + " |")
 
 
 if __name__ == "__main__":

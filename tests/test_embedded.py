@@ -34,11 +34,13 @@ from pipeline.embedded.accuracy import (
 )
 from pipeline.embedded.model import IMAGE_TOKENS, build_model, build_processor
 from pipeline.embedded.pretrain import PretrainConfig, pretrain
+from pipeline.embedded.tasks import NOISE, sample_scene, split_rng
 
 SHOTS = 4
 N_QUERIES = 200  # per task; one query more or less right moves accuracy by 0.005
 EVAL_SEED = 1  # the build script reports seed 0: this checks other queries than docs/embedded.md
-MIN_GAIN = 0.40  # required k-shot minus zero-shot accuracy, for every task
+MIN_GAIN = 0.40  # required k-shot minus zero-shot accuracy, for every attribute task
+NOISY_QUERIES = 400  # the noisy task's ICL curve: one query moves accuracy by 0.0025
 
 
 @pytest.fixture(autouse=True)
@@ -131,10 +133,10 @@ def test_generate_answers_in_one_word_and_stops_at_newline(loaded):
     assert processor.tokenizer.convert_ids_to_tokens(new[0]) in ATTRIBUTES["color"]
 
 
-def test_demonstrations_lift_accuracy_by_forty_points_on_every_task(loaded):
+def test_demonstrations_lift_accuracy_by_forty_points_on_every_attribute_task(loaded):
     model, processor, _ = loaded
     gains = {}
-    for task in TASKS:
+    for task in ATTRIBUTES:
         zero = few_shot_accuracy(model, processor, task, 0, N_QUERIES, EVAL_SEED)
         few = few_shot_accuracy(model, processor, task, SHOTS, N_QUERIES, EVAL_SEED)
         gains[task] = (zero, few)
@@ -160,8 +162,37 @@ def test_support_and_query_images_are_disjoint():
         assert not support & query
 
 
+def test_noisy_task_icl_is_real_but_incomplete(loaded):
+    """The benchmark's task (params.yaml): better with every doubling of shots up to 8, still at most 90% at 8 shots, and
+    no better than a guess of the attribute without demonstrations (docs/embedded.md records eval seed 0;
+    these are other queries)."""
+    model, processor, _ = loaded
+    accuracy = {
+        k: few_shot_accuracy(model, processor, "color_noisy", k, NOISY_QUERIES, EVAL_SEED)
+        for k in (0, 1, 4, 8)
+    }
+    assert accuracy[0] <= 0.40, accuracy  # a guess of the attribute: 1 in 4 (measured 0.22-0.36)
+    assert accuracy[1] + 0.05 < accuracy[4] and accuracy[4] + 0.05 < accuracy[8] <= 0.90, accuracy
+
+
+def test_noisy_support_items_answer_another_attribute_of_their_own_image_half_the_time():
+    n = 2000
+    items = make_items("color_noisy", "support", n, seed=3)
+    rng = split_rng("color_noisy", "support", 3)
+    scenes = [sample_scene(rng)[0] for _ in range(n)]  # the same stream: each item's attributes
+    assert all(item.answers[0] in scene.values() for item, scene in zip(items, scenes))
+    clean = sum(item.answers[0] == scene["color"] for item, scene in zip(items, scenes)) / n
+    assert abs(clean - (1 - NOISE)) < 0.035, clean  # 3 binomial standard errors
+    answered = {
+        next(t for t, v in scene.items() if v == item.answers[0]) for item, scene in zip(items, scenes)
+    }
+    assert answered == set(ATTRIBUTES)
+    queries = make_items("color_noisy", "query", 300, seed=3)  # the evaluation's queries are clean
+    assert {q.answers[0] for q in queries} == set(ATTRIBUTES["color"])
+
+
 def test_ambiguous_question_is_shared_and_answers_cover_each_attribute():
-    for task in TASKS:
+    for task in ATTRIBUTES:
         items = make_items(task, "query", 200, seed=0)
         assert {i.question for i in items} == {AMBIGUOUS_QUESTION}
         assert {i.answers[0] for i in items} == set(ATTRIBUTES[task])
@@ -195,7 +226,14 @@ def test_build_model_is_seeded_and_leaves_global_rng_alone():
 
 def _pretrain_briefly(seed: int) -> LlavaForConditionalGeneration:
     config = dataclasses.replace(
-        PretrainConfig(), explicit_steps=6, icl_steps=2, batch_size=4, pool_size=64, warmup_steps=1
+        PretrainConfig(),
+        explicit_steps=6,
+        icl_steps=2,
+        noisy_steps=2,
+        noisy_rounds=3,
+        batch_size=4,
+        pool_size=64,
+        warmup_steps=1,
     )
     return pretrain(build_model(0), build_processor(), config, seed=seed)
 

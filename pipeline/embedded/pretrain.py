@@ -1,9 +1,12 @@
-"""Pretrain the tiny LLaVA for in-context learning with a two-phase curriculum.
+"""Pretrain the tiny LLaVA for in-context learning with a three-phase curriculum.
 
 Phase 1 ("explicit") teaches the vision path: every round asks an explicit question ("What color is
 it?") about a random task, so the answer depends on the image and the question only. Phase 2 ("icl")
 teaches in-context learning: all rounds of a sequence belong to one task and (mostly) ask the ambiguous
-question, so the attribute asked for can only be read off the earlier rounds' answers. Every round's
+question, so the attribute asked for can only be read off the earlier rounds' answers. Phase 3 ("noisy")
+repeats phase 2 with unreliable demonstrations: each sequence has a noise rate drawn from [0, noise_max], and
+each round answers another attribute of its image with that probability, so the asked attribute is the most
+frequent one among the earlier answers (the noisy tasks' setting; noise rate 0 keeps the clean one). Every round's
 answer (and its "\\n") is a label, so one sequence of R rounds trains 0 to R-1 shots at once.
 Without gradient clipping the vision path did not learn in a prototype; without phase 1 the model
 learned to recognise the task but guessed the attribute.
@@ -23,11 +26,12 @@ from tqdm.auto import tqdm
 from transformers import LlavaForConditionalGeneration, ProcessorMixin
 
 from pipeline.embedded.accuracy import ROUND_TEMPLATE
-from pipeline.embedded.tasks import AMBIGUOUS_QUESTION, ATTRIBUTES, EXPLICIT_QUESTIONS, TASKS, sample_scene
+from pipeline.embedded.tasks import AMBIGUOUS_QUESTION, ATTRIBUTES, EXPLICIT_QUESTIONS, sample_scene
 
 logger = logging.getLogger(__name__)
 
 IGNORE = -100  # label of positions that carry no loss
+TASKS = tuple(ATTRIBUTES)  # pretraining asks the clean attributes; phase 3 makes their answers noisy
 
 
 @dataclass(frozen=True)
@@ -44,11 +48,16 @@ class PretrainConfig:
     warmup_steps: int = 100  # linear warmup from 0
     weight_decay: float = 0.01
     grad_clip: float = 1.0  # max global gradient norm; needed for the vision path to learn
+    noisy_steps: int = 1200  # phase 3 steps: phase 2 with noisy answers (its own warmup and cosine schedule)
+    noise_max: float = 0.7  # phase 3: each sequence's noise rate is uniform in [0, noise_max]
+    noisy_rounds: int = 13  # phase 3 rounds per sequence: answers after 0..12 shots
+    noisy_lr: float = 1e-3  # phase 3 peak learning rate, decayed to min_lr
     pool_size: int = 16384  # scenes rendered once from the pretraining stream, then resampled
     log_every: int = 100  # steps between log lines
 
     @property
     def total_steps(self) -> int:
+        """Steps of phases 1 and 2, the span of their learning-rate schedule."""
         return self.explicit_steps + self.icl_steps
 
 
@@ -95,14 +104,19 @@ def sample_batch(
 
     Returns input_ids, labels, attention_mask [B, T] and pixel_values [B * rounds, 3, H, W].
     """
-    B, R = config.batch_size, config.rounds
+    B, R = config.batch_size, (config.noisy_rounds if phase == "noisy" else config.rounds)
     scene = torch.randint(len(pool.pixel_values), (B, R), generator=generator)  # (B, R)
     task_of = torch.randint(len(TASKS), (B, R), generator=generator)  # (B, R)
     explicit = torch.rand(B, generator=generator) < config.explicit_mix
-    if phase == "icl":
+    if phase in ("icl", "noisy"):
         task_of = task_of[:, :1].expand(B, R)  # one task per sequence
     else:
         explicit = torch.ones(B, dtype=torch.bool)
+    if phase == "noisy":  # a round answers another attribute (one of the other three) with the row's rate
+        rate = config.noise_max * torch.rand(B, 1, generator=generator)  # (B, 1)
+        swap = (torch.rand(B, R, generator=generator) < rate) & ~explicit[:, None]  # (B, R)
+        shift = torch.randint(1, len(TASKS), (B, R), generator=generator)  # (B, R): another attribute
+        task_of = torch.where(swap, (task_of + shift) % len(TASKS), task_of)
     sequences, targets = [], []
     for b in range(B):
         ids, labels = [bos_id], [IGNORE]
@@ -129,7 +143,14 @@ def sample_batch(
 
 
 def learning_rate(step: int, config: PretrainConfig) -> float:
-    """Linear warmup to `lr`, then cosine decay to `min_lr` at the last step."""
+    """Phases 1-2 (step < total_steps): linear warmup to `lr`, then cosine decay to `min_lr`. Phase 3 has its
+    own schedule of the same shape, peak `noisy_lr` over `noisy_steps`."""
+    if step >= config.total_steps:
+        step -= config.total_steps
+        if step < config.warmup_steps:
+            return config.noisy_lr * (step + 1) / config.warmup_steps
+        progress = (step - config.warmup_steps) / max(1, config.noisy_steps - config.warmup_steps)
+        return config.min_lr + 0.5 * (config.noisy_lr - config.min_lr) * (1 + math.cos(math.pi * progress))
     if step < config.warmup_steps:
         return config.lr * (step + 1) / config.warmup_steps
     progress = (step - config.warmup_steps) / max(1, config.total_steps - config.warmup_steps)
@@ -152,9 +173,17 @@ def answer_accuracy(logits: torch.Tensor, labels: torch.Tensor, eos_id: int) -> 
 
 
 def pretrain(
-    model: LlavaForConditionalGeneration, processor: ProcessorMixin, config: PretrainConfig, seed: int
+    model: LlavaForConditionalGeneration,
+    processor: ProcessorMixin,
+    config: PretrainConfig,
+    seed: int,
+    skip: tuple[str, ...] = (),
 ) -> LlavaForConditionalGeneration:
-    """Run both curriculum phases on `model` in place (float32, CPU) and return it in eval mode."""
+    """Run the curriculum phases on `model` in place (float32, CPU) and return it in eval mode.
+
+    Phases in `skip` draw their batches (so later phases see the same random stream) but do not train:
+    resuming from a model that already went through them gives the run that trains every phase.
+    """
     generator = torch.Generator().manual_seed(seed)
     pool = render_pool(processor, config.pool_size, seed)
     table = round_ids(processor)
@@ -164,12 +193,17 @@ def pretrain(
     )
     model.train()
     running = []
-    progress = tqdm(range(config.total_steps), desc="pretrain")
+    schedule = (
+        ["explicit"] * config.explicit_steps + ["icl"] * config.icl_steps + ["noisy"] * config.noisy_steps
+    )
+    progress = tqdm(range(len(schedule)), desc="pretrain")
     for step in progress:
-        phase = "explicit" if step < config.explicit_steps else "icl"
+        phase = schedule[step]
         batch = sample_batch(
             pool, table, tokenizer.bos_token_id, tokenizer.pad_token_id, phase, config, generator
         )
+        if phase in skip:
+            continue
         for group in optimizer.param_groups:
             group["lr"] = learning_rate(step, config)
         logits = model(

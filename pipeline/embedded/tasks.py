@@ -3,7 +3,14 @@
 Every image shows one object with a colour, a shape, a size and a position. A task names the attribute
 that answers the question. The evaluation question ("What is this?") is the same for every task, so
 only the demonstrations say which attribute is asked for; an explicit variant ("What color is it?")
-names it and serves the pretraining curriculum.
+names it and serves the pretraining curriculum. One demonstration settles such a task.
+
+A noisy task (`color_noisy`, ...) asks the same, but half of its support items (NOISE) answer another
+attribute of their image, as if their annotator had read another question; its query items are clean. One
+demonstration then shows the asked attribute only with probability 1/2: k-shot ICL has to take the most
+frequent attribute of k demonstrations, right more often as k grows (an ideal reader: 50% at k = 1 and 2,
+64% at 4, 77% at 8, 90% at 16), while a method trained on many demonstration sets and training queries can
+know the attribute for sure.
 
 Support and query items come from independent random streams (the split is part of the seed), and every
 image carries per-pixel noise, so a query image never repeats a support image.
@@ -25,7 +32,9 @@ ATTRIBUTES: dict[str, tuple[str, ...]] = {
     "size": ("big", "small"),
     "position": ("left", "right"),
 }
-TASKS: tuple[str, ...] = tuple(ATTRIBUTES)
+NOISE = 0.5  # share of a noisy task's support items that answer another attribute of their image
+NOISY_SUFFIX = "_noisy"
+TASKS: tuple[str, ...] = (*ATTRIBUTES, *(task + NOISY_SUFFIX for task in ATTRIBUTES))
 SPLITS: tuple[str, ...] = ("support", "query")
 
 AMBIGUOUS_QUESTION = "What is this?"
@@ -105,9 +114,14 @@ def sample_scene(rng: np.random.Generator) -> tuple[dict[str, str], Image.Image]
     return attributes, render(rng=rng, **attributes)
 
 
+def attribute_of(task: str) -> str:
+    """The attribute a task asks for (a noisy task asks for its clean task's)."""
+    return task.removesuffix(NOISY_SUFFIX)
+
+
 def split_rng(task: str, split: str, seed: int) -> np.random.Generator:
     """The random stream of one (task, split, seed): streams of different splits never coincide."""
-    if task not in ATTRIBUTES:
+    if task not in TASKS:
         raise ValueError(f"unknown task {task!r}; known: {TASKS}")
     if split not in SPLITS:
         raise ValueError(f"unknown split {split!r}; known: {SPLITS}")
@@ -117,12 +131,21 @@ def split_rng(task: str, split: str, seed: int) -> np.random.Generator:
 def make_items(task: str, split: str, n: int, seed: int, explicit: bool = False) -> list[Item]:
     """`n` items of one task and split, deterministic given the arguments; ids are f"{task}-{split}-{i}".
 
-    With `explicit=False` the question is the ambiguous one shared by all tasks.
+    With `explicit=False` the question is the ambiguous one shared by all tasks. A noisy task's support items
+    answer another attribute (uniformly one of the other three) with probability NOISE, drawn from a stream of
+    their own, so its images are those of the same seed whatever the noise.
     """
     rng = split_rng(task, split, seed)
-    question = EXPLICIT_QUESTIONS[task] if explicit else AMBIGUOUS_QUESTION
+    attribute = attribute_of(task)
+    question = EXPLICIT_QUESTIONS[attribute] if explicit else AMBIGUOUS_QUESTION
+    noisy = task != attribute and split == "support"
+    noise = np.random.default_rng([seed, SPLITS.index(split), TASKS.index(task), 1])
+    others = [other for other in ATTRIBUTES if other != attribute]
     items = []
     for index in range(n):
         attributes, image = sample_scene(rng)
-        items.append(Item(f"{task}-{split}-{index}", image, question, (attributes[task],), task))
+        answered = attribute
+        if noisy and noise.random() < NOISE:
+            answered = others[noise.integers(len(others))]
+        items.append(Item(f"{task}-{split}-{index}", image, question, (attributes[answered],), task))
     return items
