@@ -101,7 +101,7 @@ def curve(result: dict, series: list[tuple[str, str]], xlabel: str, path: Path, 
     fig, ax = plt.subplots(figsize=(6, 3.8))
     points = result["points"]
     for (name, label), colour in zip(series, plt.cm.tab10.colors):
-        xs = [x for x in points[name] if keys is None or x in keys]
+        xs = sorted((x for x in points[name] if keys is None or x in keys), key=int)  # JSON keys are strings
         rows = [points[name][x] for x in xs]
         ax.errorbar([int(x) for x in xs], [r["mean"] for r in rows], yerr=[r["ci95"] for r in rows], marker="o",
                     capsize=3, label=label, color=colour)  # fmt: skip
@@ -112,6 +112,9 @@ def curve(result: dict, series: list[tuple[str, str]], xlabel: str, path: Path, 
         ax.axhspan(row["low"], row["high"], color="#555555", alpha=0.15)
     if xlabel == "training queries":
         ax.set_xscale("log", base=2)
+    ticks = sorted({int(x) for name, _ in series for x in points[name] if keys is None or x in keys})
+    ax.set_xticks(ticks, [str(t) for t in ticks])
+    ax.minorticks_off()
     ax.set(
         xlabel=xlabel,
         ylabel=result["metric"],
