@@ -23,7 +23,7 @@ import torch
 
 from pipeline.config import load_params
 from pipeline.models import load_model
-from pipeline.prompts import PromptBuilder, PromptTemplate
+from pipeline.prompts import PromptBuilder
 from pipeline.samples import teacher_batch, training_samples
 from pipeline.splits import make_splits
 from pipeline.teacher import forward_inputs, forward_query_states
@@ -32,30 +32,41 @@ from stages.extract import extract
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def teacher_loop(params, loaded, hooks: bool, device):
+    """The extract loop's forwards without writes, as a function to time; with `hooks`, states are recorded
+    and gathered as the stage records them (also timed by benchmarks/gpu.py, with CUDA synchronisation)."""
+    splits = make_splits(params.data)
+    ex = params.extract
+    samples = training_samples(splits.train, splits.support, ex.k, ex.m, ex.seed)
+    builder = PromptBuilder.for_model(loaded, params.prompt)  # as the stage builds it
+    for query in splits.train:  # as extract does before its loop: query rounds are counted up front
+        builder.tokens(query)
+    layers = list(range(loaded.view.geometry.num_layers))
+
+    def loop() -> None:
+        with torch.no_grad():
+            for first in range(0, len(samples), ex.batch_size):
+                batch, lengths = teacher_batch(
+                    builder, samples, range(first, min(first + ex.batch_size, len(samples)))
+                )
+                if hooks:
+                    forward_query_states(
+                        loaded.model, loaded.view, batch, lengths, ex.site, layers, ex.topk, all_logits=False,
+                        last_token=ex.last_token,  # the last-prompt-token signals too, as the stage records them
+                    )  # fmt: skip
+                else:
+                    loaded.model(**forward_inputs(loaded.view, batch, device))
+
+    return loop
+
+
 def teacher_forwards(overrides: list[str], hooks: bool) -> float:
     """Seconds for the extract loop's forwards without writes; with `hooks`, states are recorded and gathered."""
     params = load_params(ROOT / "params.yaml", overrides)
     loaded = load_model(params.model.name, params.model.dtype, params.model.device)
-    splits = make_splits(params.data)
-    ex = params.extract
-    samples = training_samples(splits.train, splits.support, ex.k, ex.m, ex.seed)
-    builder = PromptBuilder(loaded.processor, loaded.view.family, PromptTemplate(params.prompt), 4096)
-    for query in splits.train:  # as extract does before its loop: query rounds are counted up front
-        builder.tokens(query)
-    layers = list(range(loaded.view.geometry.num_layers))
+    loop = teacher_loop(params, loaded, hooks, params.model.device)
     start = time.perf_counter()
-    with torch.no_grad():
-        for first in range(0, len(samples), ex.batch_size):
-            batch, lengths = teacher_batch(
-                builder, samples, range(first, min(first + ex.batch_size, len(samples)))
-            )
-            if hooks:
-                forward_query_states(
-                    loaded.model, loaded.view, batch, lengths, ex.site, layers, ex.topk, all_logits=False,
-                    last_token=ex.last_token,  # the last-prompt-token signals too, as the stage records them
-                )  # fmt: skip
-            else:
-                loaded.model(**forward_inputs(loaded.view, batch, params.model.device))
+    loop()
     return time.perf_counter() - start
 
 

@@ -472,43 +472,13 @@ def serving(loaded: Loaded):
 
 
 def teacher_seconds(loaded: Loaded, overrides: list[str], hooks: bool, device: torch.device) -> float:
-    """The extract loop's forwards without writes (as benchmarks/extract.py); with `hooks`, states recorded."""
+    """The extract loop's forwards without writes (benchmarks/extract.py's loop); with `hooks`, states recorded."""
+    from extract import teacher_loop  # benchmarks/extract.py: this script's folder is on sys.path
+
     from pipeline.config import load_params
-    from pipeline.prompts import PromptBuilder
-    from pipeline.samples import teacher_batch, training_samples
-    from pipeline.splits import make_splits
-    from pipeline.teacher import forward_inputs, forward_query_states
 
     params = load_params(ROOT / "params.yaml", overrides)
-    ex, splits = params.extract, make_splits(params.data)
-    samples = training_samples(splits.train, splits.support, ex.k, ex.m, ex.seed)
-    builder = PromptBuilder.for_model(loaded, params.prompt)
-    for query in splits.train:  # as extract does before its loop
-        builder.tokens(query)
-    layers = list(range(loaded.view.geometry.num_layers))
-
-    def loop():
-        with torch.no_grad():
-            for first in range(0, len(samples), ex.batch_size):
-                batch, lengths = teacher_batch(
-                    builder, samples, range(first, min(first + ex.batch_size, len(samples)))
-                )
-                if hooks:
-                    forward_query_states(
-                        loaded.model,
-                        loaded.view,
-                        batch,
-                        lengths,
-                        ex.site,
-                        layers,
-                        ex.topk,
-                        all_logits=False,
-                        last_token=ex.last_token,
-                    )
-                else:
-                    loaded.model(**forward_inputs(loaded.view, batch, device))
-
-    return seconds_of(loop, device)
+    return seconds_of(teacher_loop(params, loaded, hooks, device), device)
 
 
 def section_extract(loaded: Loaded, sizes: Sizes, device: torch.device, dtype, tmp: Path) -> dict:

@@ -31,7 +31,7 @@ from pipeline.embedded.tasks import AMBIGUOUS_QUESTION, ATTRIBUTES, EXPLICIT_QUE
 logger = logging.getLogger(__name__)
 
 IGNORE = -100  # label of positions that carry no loss
-TASKS = tuple(ATTRIBUTES)  # pretraining asks the clean attributes; phase 3 makes their answers noisy
+ATTRIBUTE_TASKS = tuple(ATTRIBUTES)  # what pretraining asks; phase 3 makes their answers noisy
 
 
 @dataclass(frozen=True)
@@ -75,7 +75,7 @@ def render_pool(processor: ProcessorMixin, n: int, seed: int) -> ScenePool:
     scenes = [sample_scene(rng) for _ in tqdm(range(n), desc="render scenes", leave=False)]
     images: list[Image.Image] = [image for _, image in scenes]
     pixel_values = processor.image_processor(images, return_tensors="pt")["pixel_values"]
-    answers = {task: [attributes[task] for attributes, _ in scenes] for task in TASKS}
+    answers = {task: [attributes[task] for attributes, _ in scenes] for task in ATTRIBUTE_TASKS}
     return ScenePool(pixel_values, answers)
 
 
@@ -106,7 +106,7 @@ def sample_batch(
     """
     B, R = config.batch_size, (config.noisy_rounds if phase == "noisy" else config.rounds)
     scene = torch.randint(len(pool.pixel_values), (B, R), generator=generator)  # (B, R)
-    task_of = torch.randint(len(TASKS), (B, R), generator=generator)  # (B, R)
+    task_of = torch.randint(len(ATTRIBUTE_TASKS), (B, R), generator=generator)  # (B, R)
     explicit = torch.rand(B, generator=generator) < config.explicit_mix
     if phase in ("icl", "noisy"):
         task_of = task_of[:, :1].expand(B, R)  # one task per sequence
@@ -115,13 +115,15 @@ def sample_batch(
     if phase == "noisy":  # a round answers another attribute (one of the other three) with the row's rate
         rate = config.noise_max * torch.rand(B, 1, generator=generator)  # (B, 1)
         swap = (torch.rand(B, R, generator=generator) < rate) & ~explicit[:, None]  # (B, R)
-        shift = torch.randint(1, len(TASKS), (B, R), generator=generator)  # (B, R): another attribute
-        task_of = torch.where(swap, (task_of + shift) % len(TASKS), task_of)
+        shift = torch.randint(
+            1, len(ATTRIBUTE_TASKS), (B, R), generator=generator
+        )  # (B, R): another attribute
+        task_of = torch.where(swap, (task_of + shift) % len(ATTRIBUTE_TASKS), task_of)
     sequences, targets = [], []
     for b in range(B):
         ids, labels = [bos_id], [IGNORE]
         for r in range(R):
-            task = TASKS[task_of[b, r]]
+            task = ATTRIBUTE_TASKS[task_of[b, r]]
             question = EXPLICIT_QUESTIONS[task] if explicit[b] else AMBIGUOUS_QUESTION
             tokens = table[question, pool.answers[task][scene[b, r]]]
             ids += tokens
@@ -146,15 +148,16 @@ def learning_rate(step: int, config: PretrainConfig) -> float:
     """Phases 1-2 (step < total_steps): linear warmup to `lr`, then cosine decay to `min_lr`. Phase 3 has its
     own schedule of the same shape, peak `noisy_lr` over `noisy_steps`."""
     if step >= config.total_steps:
-        step -= config.total_steps
-        if step < config.warmup_steps:
-            return config.noisy_lr * (step + 1) / config.warmup_steps
-        progress = (step - config.warmup_steps) / max(1, config.noisy_steps - config.warmup_steps)
-        return config.min_lr + 0.5 * (config.noisy_lr - config.min_lr) * (1 + math.cos(math.pi * progress))
+        return _warmup_cosine(step - config.total_steps, config.noisy_steps, config.noisy_lr, config)
+    return _warmup_cosine(step, config.total_steps, config.lr, config)
+
+
+def _warmup_cosine(step: int, steps: int, peak: float, config: PretrainConfig) -> float:
+    """`warmup_steps` linear to `peak`, then cosine to `min_lr` at step `steps`."""
     if step < config.warmup_steps:
-        return config.lr * (step + 1) / config.warmup_steps
-    progress = (step - config.warmup_steps) / max(1, config.total_steps - config.warmup_steps)
-    return config.min_lr + 0.5 * (config.lr - config.min_lr) * (1 + math.cos(math.pi * progress))
+        return peak * (step + 1) / config.warmup_steps
+    progress = (step - config.warmup_steps) / max(1, steps - config.warmup_steps)
+    return config.min_lr + 0.5 * (peak - config.min_lr) * (1 + math.cos(math.pi * progress))
 
 
 @torch.no_grad()
