@@ -106,20 +106,32 @@ def load_model(
     """Load with `from_pretrained(dir)` from local files only; the family is checked before any weight is read."""
     path = resolve_model_path(name_or_path)
     config = check_model(name_or_path, dtype, device)
+    processor = load_processor(path, config.model_type) if with_processor else None  # before the weights
     placement = {"device_map": "auto"} if device == "auto" else {}  # accelerate: layers over the GPUs
     model = AutoModelForImageTextToText.from_pretrained(
         path, dtype=DTYPES[dtype], attn_implementation="sdpa", local_files_only=True, **placement
     )
     model = model if device == "auto" else model.to(device)
     model.eval().requires_grad_(False)
-    processor = load_processor(path, config.model_type) if with_processor else None
     return Loaded(model, processor, ModelView(model), str(name_or_path))
 
 
 def load_processor(path: Path, model_type: str):
     """The checkpoint's processor. Qwen2-VL and LLaVA-OneVision processors always build a video processor,
     whose classes need torchvision: without it, the same processor class is loaded without its video part
-    (the pipeline never uses video). Any other failure is one line naming the directory."""
+    (the pipeline never uses video). Any other failure is one line naming the directory, and so is a tokenizer
+    that encodes text to nothing (transformers builds an empty one when the tokenizer files are missing)."""
+    processor = _load_processor(path, model_type)
+    tokenizer = getattr(processor, "tokenizer", None)
+    if tokenizer is None or not tokenizer("What is this?", add_special_tokens=False)["input_ids"]:
+        raise MimicError(
+            f"the tokenizer in {path} is empty: its files (tokenizer.json, tokenizer.model or vocab.json + "
+            "merges.txt, with tokenizer_config.json) are missing; copy them from the original checkpoint"
+        )
+    return processor
+
+
+def _load_processor(path: Path, model_type: str):
     try:
         return AutoProcessor.from_pretrained(path, local_files_only=True)
     except (ImportError, OSError) as err:

@@ -262,3 +262,20 @@ def test_a_broken_processor_is_one_clear_error(tmp_path):
     (tmp_path / "tokenizer.json").write_text("{not json")
     with pytest.raises(MimicError, match=f"no usable processor in {tmp_path}"):
         load_model(str(tmp_path))
+
+
+@pytest.mark.parametrize("name", ["idefics2", "qwen2_vl"])  # SentencePiece/Metaspace and byte-level BPE
+def test_a_checkpoint_without_tokenizer_files_is_refused_before_its_weights_are_read(name, tmp_path):
+    # transformers builds an empty tokenizer (every text encodes to no ids) when the files are missing
+    from real_checkpoints import save_tiny_checkpoint
+
+    from pipeline.errors import MimicError
+    from pipeline.models import load_model
+
+    save_tiny_checkpoint(name, tmp_path)
+    for path in tmp_path.iterdir():
+        if path.name.startswith("tokenizer"):
+            path.unlink()
+    (tmp_path / "model.safetensors").write_bytes(b"not read")  # the check comes first
+    with pytest.raises(MimicError, match=f"the tokenizer in {tmp_path} is empty"):
+        load_model(str(tmp_path))
