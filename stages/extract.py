@@ -69,8 +69,8 @@ def extract(params_path: Path, out: Path, overrides: list[str], replace: bool = 
     fingerprint = teacher_fingerprint(params, loaded, splits, layers)
     counts = (fingerprint, layout, token_counts, answer_counts)
     if here.size > 1:
-        part, todo = prepare_part(out, counts, replace, ex.batch_size, here)
-        writer = CacheWriter.open(out, *counts, part=part)
+        part, todo, lock = prepare_part(out, counts, replace, ex.batch_size, here)
+        writer = CacheWriter.open(out, *counts, part=part, lock=lock)
     else:
         if replace and written_for_other_run(out, fingerprint, layout):
             log.info("replacing %s: it was written with other parameters", out)
@@ -133,21 +133,24 @@ def extract(params_path: Path, out: Path, overrides: list[str], replace: bool = 
     return stats
 
 
-def prepare_part(out: Path, counts: tuple, replace: bool, batch_size: int, here) -> tuple[Part, list[int]]:
+def prepare_part(
+    out: Path, counts: tuple, replace: bool, batch_size: int, here
+) -> tuple[Part, list[int], int | None]:
     """Rank 0 creates (or replaces) the store and lists the missing samples; every rank then takes a contiguous
-    run of whole teacher batches of them, so each batch is the one a single process would run."""
-    missing = None
+    run of whole teacher batches of them, so each batch is the one a single process would run. Rank 0 also gets
+    the store's lock (held shared from its creation on), the other ranks None."""
+    missing = lock = None
     if here.main:
         fingerprint, layout = counts[0], counts[1]
         if replace and written_for_other_run(out, fingerprint, layout):
             log.info("replacing %s: it was written with other parameters", out)
             shutil.rmtree(out)
-        missing = CacheWriter.prepare_parts(out, *counts, size=here.size)
+        missing, lock = CacheWriter.prepare_parts(out, *counts, size=here.size)
     missing = gather(missing, here)[0]  # rank 0's list on every rank, after the store exists
     batches = [missing[i : i + batch_size] for i in range(0, len(missing), batch_size)]
     mine = [j for b in share(len(batches), here) for j in batches[b]]
     part = Part(here.rank, here.size, mine[0], mine[-1] + 1) if mine else Part(here.rank, here.size, 0, 0)
-    return part, mine
+    return part, mine, lock
 
 
 def written_for_other_run(out: Path, fingerprint: dict, layout: Layout) -> bool:

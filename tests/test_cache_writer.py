@@ -408,3 +408,37 @@ def test_sigkill_at_any_moment_then_rerun_equals_uninterrupted_run(tmp_path, mod
     job.run(path, staged=mode == "staged")
     assert_same_store(path, tmp_path / "reference")
     assert not list(tmp_path.glob(".killed.creating-*"))
+
+
+def test_a_distributed_store_is_held_from_its_creation_until_the_parts_close(tmp_path):
+    # rank 0 turns its exclusive lock into a shared one that its part keeps: no window in which another run
+    # (one process, or another distributed run's rank 0) could take the store before the ranks open their parts
+    from pipeline.cache.writer import Part
+
+    layout = small_layout()
+    samples = make_samples(layout, 6)
+    path, args = tmp_path / "c", (FINGERPRINT, layout, *counts(samples))
+    missing, lock = CacheWriter.prepare_parts(path, *args, size=2)
+    assert missing == list(range(6)) and lock is not None
+    others = (lambda: CacheWriter.open(path, *args), lambda: CacheWriter.prepare_parts(path, *args, size=2))
+    for other in others:
+        with pytest.raises(MimicError, match="being written by another process"):
+            other()
+    parts = [
+        CacheWriter.open(path, *args, part=Part(0, 2, 0, 3), lock=lock),
+        CacheWriter.open(path, *args, part=Part(1, 2, 3, 6)),
+    ]
+    for writer in parts:
+        for i in range(writer.part.first, writer.part.stop):
+            writer.write(i, *samples[i])
+    for other in others:
+        with pytest.raises(MimicError, match="being written by another process"):
+            other()
+    for writer in parts:
+        writer.write_held()
+    for writer in parts:
+        writer.close()
+    CacheWriter.finish_parts(path)
+    write_store(tmp_path / "one", layout, samples)
+    assert_same_store(path, tmp_path / "one")
+    assert CacheWriter.prepare_parts(path, *args, size=2) == ([], None)  # complete: nothing held

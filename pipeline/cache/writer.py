@@ -62,12 +62,15 @@ class Part:
 class CacheWriter:
     """Writes teacher samples into a store; reopening the same path resumes it, a complete store is left as is."""
 
-    def __init__(self, store: _Store, part: Part | None = None) -> None:
+    def __init__(self, store: _Store, part: Part | None = None, lock: int | None = None) -> None:
         self._store, self.part = store, part
         self.path, self.layout, self.complete = store.path, store.layout, store.complete
-        self._lock_fd: int | None = None
+        self._lock_fd: int | None = lock  # a shared lock rank 0 kept from `prepare_parts`, or None
         self._closed = False
-        if not self.complete:
+        if self.complete and lock is not None:  # nothing to write: the lock is not needed
+            os.close(lock)
+            self._lock_fd = None
+        elif not self.complete and lock is None:
             self._lock(shared=part is not None)
             if (
                 part is None
@@ -100,9 +103,11 @@ class CacheWriter:
         token_counts: list[int],
         answer_counts: list[int],
         part: Part | None = None,
+        lock: int | None = None,
     ) -> CacheWriter:
         """Create the store at ``path``, or resume it if it holds the same fingerprint, layout and counts; with
-        `part`, open one rank's part of a store rank 0 prepared (`prepare_parts`)."""
+        `part`, open one rank's part of a store rank 0 prepared (`prepare_parts`; rank 0 passes the `lock` it
+        returned)."""
         path = Path(path)
         try:
             fingerprint = json.loads(json.dumps(fingerprint))
@@ -140,16 +145,20 @@ class CacheWriter:
                 raise MimicError(
                     f"{path} holds other {axis} counts per sample than this run; pick another cache path or delete it"
                 )
-        return cls(store, part)
+        return cls(store, part, lock)
 
     @classmethod
-    def prepare_parts(cls, path, fingerprint, layout, token_counts, answer_counts, size: int) -> list[int]:
+    def prepare_parts(
+        cls, path, fingerprint, layout, token_counts, answer_counts, size: int
+    ) -> tuple[list[int], int | None]:
         """Rank 0 of a distributed extract, before the ranks open their parts: create or check the store, remove
-        temp files of killed writes, add one progress array per rank; returns the samples still missing."""
+        temp files of killed writes, add one progress array per rank. Returns the samples still missing and the
+        store's lock, turned from exclusive to shared and kept (None for a complete store): rank 0 opens its part
+        with it, so no other run can take the store between this and the ranks' shared locks."""
         writer = cls.open(path, fingerprint, layout, token_counts, answer_counts)
         try:
             if writer.complete:
-                return []
+                return [], None
             for rank in range(size):
                 name = progress_name(size, rank)
                 if name not in writer._store.progress:
@@ -157,7 +166,10 @@ class CacheWriter:
                     writer._store.group.create_array(
                         name, shape=(n,), chunks=(n,), dtype="int64", fill_value=-1
                     )
-            return writer.missing()
+            missing = writer.missing()
+            fcntl.flock(writer._lock_fd, fcntl.LOCK_SH | fcntl.LOCK_NB)  # never blocks: no other holder
+            lock, writer._lock_fd = writer._lock_fd, None
+            return missing, lock
         finally:
             writer.close()
 
