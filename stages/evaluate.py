@@ -207,7 +207,8 @@ def latency_report(seconds: dict, tokens: dict, n: int, ev) -> dict:
     report = {}
     for method, per_chunk in seconds.items():
         ms = [1000 * s / count for s, count in per_chunk]  # each chunk's ms per sample
-        q1, _, q3 = statistics.quantiles(ms, n=4) if len(ms) > 1 else (ms[0], ms[0], ms[0])
+        # inclusive: quartiles within the chunks' range (the default extrapolates past it for few chunks)
+        q1, _, q3 = statistics.quantiles(ms, n=4, method="inclusive") if len(ms) > 1 else (ms[0],) * 3
         report[method] = {
             # all generation time over all queries and repeats
             "ms_per_sample": round(1000 * sum(s for s, _ in per_chunk) / (n * ev.repeats), 3),

@@ -138,3 +138,16 @@ def test_shift_of_another_model_is_refused(tmp_path):
     save_method(MimicShift(spec_for(ModelView(other))), tmp_path / "method", ModelView(other))
     result = cli("evaluate", "--run-dir", tmp_path, "--metrics", tmp_path / "m.json", *overrides())
     assert result.returncode == 2 and "trained for idefics2" in result.stderr.strip().splitlines()[-1]
+
+
+def test_latency_quartiles_stay_within_the_chunks_timings():
+    # two chunks of 2 ms and 30 ms per sample: the quartiles of the chunks, not an extrapolation below 0
+    from types import SimpleNamespace
+
+    from stages.evaluate import latency_report
+
+    ev = SimpleNamespace(repeats=1, batch_size=4, num_beams=1)
+    report = latency_report({"icl": [(0.008, 4), (0.06, 2)]}, {"icl": [10] * 6}, 6, ev)["icl"]
+    assert 2.0 <= report["ms_per_sample_p25"] <= report["ms_per_sample_p75"] <= 30.0
+    assert report["ms_per_sample_p25"] == 9.0 and report["ms_per_sample_p75"] == 23.0  # numpy's linear method
+    assert report["ms_per_sample"] == round(1000 * 0.068 / 6, 3)
