@@ -268,3 +268,42 @@ def test_a_lora_target_typo_is_one_line_before_any_model():
         MimicError, match=r"targets \['qproj'\]: LoRA adapts the self-attention projections q_proj"
     ):
         method_configs({"lora": section})
+
+
+@pytest.mark.parametrize("name", ["lora", "mimic_lora"])
+def test_a_lora_reattached_to_its_model_puts_its_layers_back_without_peft(monkeypatch, name):
+    # evaluate attaches once per chunk: the second attach must equal the first, without injecting again, and
+    # new weights (a checkpoint loaded while detached) or another model must inject afresh
+    import pipeline.methods.lora as lora_module
+
+    model, other = build_tiny("qwen2_vl"), build_tiny("qwen2_vl")  # equal weights, two models
+    inputs, valid = batch("qwen2_vl", seed=8)
+    view = ModelView(model)
+    method = build_method(name, TRAINED[name][1], view, torch.Generator().manual_seed(0))
+    injected = []
+    real = lora_module.get_peft_model
+    monkeypatch.setattr(lora_module, "get_peft_model", lambda *a, **k: injected.append(1) or real(*a, **k))
+    with torch.no_grad():
+        base = model(**inputs).logits
+        with method.attach(model):
+            for p in method.trainable():
+                p.normal_(0, 0.3)
+            first = model(**inputs).logits
+        assert torch.equal(model(**inputs).logits, base) and not hasattr(model, "peft_config")
+        state = method.checkpoint_state()
+        with method.attach(model):
+            again = model(**inputs).logits
+        with method.attach(other):  # another model: injected there, with the same weights
+            on_other = other(**inputs).logits
+        assert len(injected) == 2 and torch.equal(again, first)
+        assert (first - base)[valid].abs().max() > 1e-4 and torch.equal(model(**inputs).logits, base)
+        lora_state = {k: v for k, v in state.items() if "lora_" in k}
+        method.load_checkpoint_state({**state, **{k: torch.zeros_like(v) for k, v in lora_state.items()}})
+        with method.attach(model):  # new weights: injected afresh with them
+            zeroed = model(**inputs).logits
+    assert len(injected) == 3 and (on_other - first)[valid].abs().max() <= 1e-6
+    if name == "lora":
+        assert torch.equal(zeroed, base)  # a zero LoRA is the base model
+    else:
+        with method.shift.attach(model), torch.no_grad():
+            assert torch.equal(zeroed, model(**inputs).logits)  # MimIC's heads alone
