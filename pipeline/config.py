@@ -59,10 +59,11 @@ class DataConfig:
     rices_encoder: (
         str | None
     )  # RICES image embeddings: a local vision encoder directory; null = the model's own
+    workers: int  # threads building prompts (image preprocessing) ahead of the model; 0 = batch by batch
 
     def __post_init__(self):
         _at_least("data", 1, n_support=self.n_support, n_train=self.n_train, n_eval=self.n_eval)
-        _at_least("data", 0, n_val=self.n_val)
+        _at_least("data", 0, n_val=self.n_val, workers=self.workers)
 
 
 @dataclass(frozen=True)
@@ -212,7 +213,9 @@ def parse_section(cls, data: dict, where: str):
 
 
 def apply_overrides(data: dict, overrides: list[str], where: str) -> dict:
-    """`["train.lr=0.01", "extract.k=8"]` applied to the raw mapping (dotted paths, YAML-parsed values)."""
+    """`["methods.mimic.lr=0.01", "extract.k=8"]` applied to the raw mapping (dotted paths, YAML-parsed values;
+    a field holding text takes the text as written when YAML would read it otherwise, e.g. `prompt={question}`,
+    and a YAML double-quoted value gives escapes such as `\\n`)."""
     data = yaml.safe_load(yaml.safe_dump(data))  # deep copy
     for item in overrides:
         if "=" not in item:
@@ -228,11 +231,15 @@ def apply_overrides(data: dict, overrides: list[str], where: str) -> dict:
             keys[-1] not in node and len(keys) < 3
         ):  # deeper keys are inside a free-form mapping (data.train.*)
             raise MimicError(f"override {item!r}: {where} has no field {path!r}")
+        text_field = isinstance(node.get(keys[-1]), str)  # e.g. the prompt: its braces are not YAML mappings
         try:
-            node[keys[-1]] = yaml.safe_load(raw)
+            value = yaml.safe_load(raw)
         except yaml.YAMLError as err:
-            problem = " ".join(str(getattr(err, "problem", "") or err).split())
-            raise MimicError(f"override {item!r}: the value is not valid YAML ({problem})") from err
+            if not text_field:
+                problem = " ".join(str(getattr(err, "problem", "") or err).split())
+                raise MimicError(f"override {item!r}: the value is not valid YAML ({problem})") from err
+            value = raw
+        node[keys[-1]] = raw if text_field and not isinstance(value, str) else value
     return data
 
 

@@ -18,6 +18,7 @@ spaces: byte-level BPE and SentencePiece vocabularies fold the space into the an
 from __future__ import annotations
 
 import logging
+import threading
 from collections import OrderedDict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
@@ -262,6 +263,7 @@ class PromptBuilder:
         self._tokens: dict[tuple[str, bool], Segment] = {}  # rounds without their image tensors
         self._images: OrderedDict[tuple[str, bool], dict[str, torch.Tensor]] = OrderedDict()
         self.image_cache = image_cache
+        self._lock = threading.Lock()  # the two caches, when threads build prompts ahead
         tokenizer = processor.tokenizer
         self.pad_id = 0 if tokenizer.pad_token_id is None else tokenizer.pad_token_id
         self.image_token_id = (
@@ -281,19 +283,22 @@ class PromptBuilder:
         return collate(segments, self.family, self.pad_id, self.image_token_id, self.eos_id)
 
     def round(self, item, with_answer: bool = True) -> Segment:
-        """One item's round, with its answer (a demonstration or training query) or without (for generation)."""
+        """One item's round, with its answer (a demonstration or training query) or without (for generation).
+        Safe to call from several threads (pipeline/prefetch.py): the caches are locked, the encoding is not."""
         key = (item.id, with_answer)
-        tokens = self._tokens.get(key)
-        if tokens is not None and key in self._images:
-            self._images.move_to_end(key)
-            return replace(tokens, images=self._images[key])
+        with self._lock:
+            tokens = self._tokens.get(key)
+            if tokens is not None and key in self._images:
+                self._images.move_to_end(key)
+                return replace(tokens, images=self._images[key])
         segment = self._encode(item, with_answer)
-        if tokens is None:
-            self._tokens[key] = replace(segment, images={})
-        if self.image_cache > 0:
-            self._images[key] = segment.images
-            if len(self._images) > self.image_cache:
-                self._images.popitem(last=False)
+        with self._lock:
+            self._tokens.setdefault(key, replace(segment, images={}))
+            if self.image_cache > 0:
+                self._images[key] = segment.images
+                self._images.move_to_end(key)
+                if len(self._images) > self.image_cache:
+                    self._images.popitem(last=False)
         return segment
 
     def tokens(self, item, with_answer: bool = True) -> Segment:

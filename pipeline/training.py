@@ -91,15 +91,16 @@ def batch_loss(
     ex: ExtractConfig,
     layers: Sequence[int],
     weights: Weights,
+    inputs: tuple | None = None,
 ) -> list[torch.Tensor]:
     """[loss, ce, align, kl] of this process's part of a batch, each divided by the WHOLE batch's counts
     (answers, aligned positions) so that the parts add up. `target`: the cache's (states, top-k log-probs,
-    top-k ids) per sample of `part`. States are recorded only when aligned, logits kept only where needed."""
+    top-k ids) per sample of `part`. States are recorded only when aligned, logits kept only where needed.
+    `inputs`: `student_inputs` of `part` if built already (ahead, in a worker process)."""
     answers, aligned = counts
-    batch, lengths = student_batch(builder, samples, part)
+    batch, lengths, keep = inputs or student_inputs(builder, samples, part, ex, view)
     zero = torch.zeros((), device=next(model.parameters()).device)
     if weights.align > 0:
-        keep = kept_positions(builder, samples, part, ex.positions, view.image_token_id)
         got, logits = forward_query_states(model, view, batch, lengths, ex.site, layers, kept=keep)
         align = alignment_loss(got.states, [t[0].to(logits.device) for t in target], aligned)
     else:
@@ -113,6 +114,12 @@ def batch_loss(
         kl = topk_kl(answer_logits(logits, batch), values, indices) / answers
     loss = weights.ce * ce + weights.align * align + weights.kl * kl
     return [loss, ce, align, kl]
+
+
+def student_inputs(builder: PromptBuilder, samples: TrainingSamples, part, ex: ExtractConfig, view: ModelView):
+    """The student batch of samples `part`, its query+answer lengths and its aligned positions (`kept_positions`)."""
+    batch, lengths = student_batch(builder, samples, part)
+    return batch, lengths, kept_positions(builder, samples, part, ex.positions, view.image_token_id)
 
 
 class CacheTargets:

@@ -23,6 +23,7 @@ from pipeline.distributed import barrier, gather, rank_device, share, world
 from pipeline.fingerprint import teacher_fingerprint
 from pipeline.models import check_model, load_model
 from pipeline.outputs import check_writable
+from pipeline.prefetch import ahead
 from pipeline.prompts import PromptBuilder
 from pipeline.samples import kept_positions, teacher_batch, teacher_samples
 from pipeline.splits import make_splits
@@ -82,15 +83,20 @@ def extract(params_path: Path, out: Path, overrides: list[str], replace: bool = 
         return store_stats(out)
     log.info("extracting %d of %d samples (k=%d, M=%d) into %s", len(todo), len(samples), ex.k, ex.m, out)
     start = time.perf_counter()
+    chunks = [todo[first : first + ex.batch_size] for first in range(0, len(todo), ex.batch_size)]
+
+    def prepare(c: int):  # a batch's prompts, built params.data.workers batches ahead
+        chunk = chunks[c]
+        batch, lengths = teacher_batch(builder, samples, chunk)
+        return chunk, batch, lengths, kept_positions(builder, samples, chunk, ex.positions, image_token)
+
+    inputs = ahead(prepare, len(chunks), params.data.workers)
     with (
         AsyncWriter(writer) as writes,
         torch.no_grad(),
         tqdm(total=len(todo), desc="extract", unit="sample") as bar,
     ):
-        for first in range(0, len(todo), ex.batch_size):
-            chunk = todo[first : first + ex.batch_size]
-            batch, lengths = teacher_batch(builder, samples, chunk)
-            keep = kept_positions(builder, samples, chunk, ex.positions, image_token)
+        for chunk, batch, lengths, keep in inputs:
             got, _ = forward_query_states(
                 loaded.model,
                 loaded.view,

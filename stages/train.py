@@ -28,6 +28,7 @@ from pipeline.methods.vectors import FitData
 from pipeline.models import Loaded, check_model, load_model, weights_fingerprint
 from pipeline.outputs import check_writable, write_text_atomic
 from pipeline.plots import layer_curve, training_curves
+from pipeline.prefetch import ahead
 from pipeline.prompts import PromptBuilder
 from pipeline.samples import batch_counts, teacher_samples
 from pipeline.sources import sources_hash
@@ -41,6 +42,7 @@ from pipeline.training import (
     epoch_batches,
     load_checkpoint,
     save_checkpoint,
+    student_inputs,
 )
 
 log = logging.getLogger(__name__)
@@ -119,8 +121,9 @@ def train(
     def counts(indices):  # a whole batch's answer tokens and aligned positions: its losses' denominators
         return batch_counts(builder, samples, indices, ex.positions, view.image_token_id)
 
-    def loss(part, target, whole):
-        return batch_loss(model, view, builder, samples, part, target, whole, ex, layers, weights)
+    def loss(part, target_and_inputs, whole):
+        target, inputs = target_and_inputs
+        return batch_loss(model, view, builder, samples, part, target, whole, ex, layers, weights, inputs)
 
     bar = tqdm(total=batches_per_epoch * tr.epochs, initial=batches_per_epoch * start_epoch, desc=tr.method)
 
@@ -134,12 +137,17 @@ def train(
             epoch_start = time.perf_counter()
             batches = epoch_batches(samples, epoch, tr.batch_size, tr.seed)
             parts = [[b[n] for n in share(len(b), here)] for b in batches]  # this rank's rows of each batch
+            inputs = ahead(  # the student batches, built params.data.workers batches ahead
+                lambda i: student_inputs(builder, samples, parts[i], ex, view) if parts[i] else None,
+                len(parts),
+                params.data.workers,
+            )
             targets = (
                 CacheTargets(reader, parts)
                 if reader is not None
                 else OnlineTargets(model, view, builder, samples, method, parts, ex, layers)
             )
-            trainer.epoch(epoch, batches, parts, targets, counts, loss, here, rows, progress)
+            trainer.epoch(epoch, batches, parts, zip(targets, inputs), counts, loss, here, rows, progress)
             epoch_seconds.append(time.perf_counter() - epoch_start)
             if here.main:  # one checkpoint, written by one rank; every rank holds the same weights
                 saved = {"method": method.checkpoint_state(), **trainer.state_dict(), "epoch": epoch + 1}

@@ -66,14 +66,11 @@ def test_missing_params_file(tmp_path):
 def test_the_readme_real_checkpoint_example_parses(tmp_path):
     text = (ROOT / "README.md").read_text()
     block = text.split("```yaml\n", 1)[1].split("```", 1)[0]  # the real-checkpoint parameters
-    raw = yaml.safe_load(block)
-    raw["prompt"] = yaml.safe_load((ROOT / "params.yaml").read_text())[
-        "prompt"
-    ]  # the README keeps the default
     path = tmp_path / "params.yaml"
-    path.write_text(yaml.safe_dump(raw))
+    path.write_text(block)  # verbatim: a user copies it whole
     params = load_params(path)
     assert params.extract.k == 8 and params.extract.positions == "text" and params.evaluate.num_beams == 3
+    assert params.prompt == load_params(ROOT / "params.yaml").prompt and params.data.workers == 2
 
 
 def test_config_choices_match_the_modules_that_use_them():
@@ -82,3 +79,14 @@ def test_config_choices_match_the_modules_that_use_them():
 
     assert config.SITES == families.SITES and config.CODECS == cache_codecs.CODECS
     assert config.PROMPT_METHODS == methods.PROMPT_METHODS and set(config.DTYPES) == set(models.DTYPES)
+
+
+def test_a_text_field_override_takes_the_text_as_written():
+    # YAML would read "{question}" as a mapping and "Q: {question} A: {answer}{image}" not at all
+    for prompt in ("{image}{question} {answer}\n", "Q: {question} A: {answer}{image}"):
+        assert load_params(ROOT / "params.yaml", [f"prompt={prompt}"]).prompt == prompt
+    quoted = load_params(ROOT / "params.yaml", ['prompt="{image}Q: {question} A: {answer}\\n"'])
+    assert quoted.prompt == "{image}Q: {question} A: {answer}\n"  # YAML's double quotes give the escapes
+    assert load_params(ROOT / "params.yaml", ["model.device=cuda:1"]).model.device == "cuda:1"
+    with pytest.raises(MimicError, match=r"the value is not valid YAML"):  # other fields keep YAML's rules
+        load_params(ROOT / "params.yaml", ["extract.layers=[0, 2"])
