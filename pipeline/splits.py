@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import os
 import random
+import typing
 from collections import Counter
 from dataclasses import dataclass
+from pathlib import Path
 
 from pipeline.config import DataConfig
 from pipeline.data import DataSource, Item, load_items, split_support_query
@@ -20,21 +23,48 @@ class Splits:
 
 
 def data_source(mapping: dict, where: str) -> DataSource:
-    try:
-        return DataSource(**mapping)
-    except TypeError as err:
-        raise MimicError(f"{where}: {err}") from err
+    """`data.train` or `data.eval` as a DataSource: every key known and of its field's type (paths may start
+    with ~), or one line naming the first that is not."""
+    if not isinstance(mapping, dict):
+        raise MimicError(f"{where} must be a mapping such as {{kind: vqa, questions_json: ...}}, got {mapping!r}")
+    hints = typing.get_type_hints(DataSource)
+    unknown = sorted(set(mapping) - set(hints))
+    if unknown or "kind" not in mapping:
+        problem = f"unknown keys {unknown}" if unknown else "missing key 'kind'"
+        raise MimicError(f"{where}: {problem}; its keys are {', '.join(hints)}")
+    return DataSource(**{name: _field(value, hints[name], f"{where}.{name}") for name, value in mapping.items()})
+
+
+def _field(value, kind, where: str):
+    allowed = set(typing.get_args(kind)) or {kind}
+    if value is None and type(None) in allowed:
+        return None
+    if Path in allowed and isinstance(value, (str, Path)):
+        return os.path.expanduser(str(value))
+    if str in allowed and isinstance(value, str):
+        return value
+    if int in allowed and isinstance(value, int) and not isinstance(value, bool):
+        return value
+    want = "a path" if Path in allowed else "text" if str in allowed else "a whole number"
+    raise MimicError(f"{where} must be {want}, got {value!r}")
 
 
 def make_splits(cfg: DataConfig) -> Splits:
     """Support and training queries from `cfg.train` (disjoint), evaluation queries from `cfg.eval`."""
     pool = load_items(data_source(cfg.train, "data.train"))
-    if cfg.eval == cfg.train:  # one source: the three sets are cut from it, disjoint
+    one_source = cfg.eval == cfg.train
+    needed = cfg.n_support + cfg.n_train + cfg.n_val + (cfg.n_eval if one_source else 0)
+    if needed > len(pool):
+        sizes = "n_support + n_train + n_val" + (" + n_eval (data.eval is data.train)" if one_source else "")
+        raise MimicError(f"data.train has {len(pool)} items, but data.{sizes} = {needed}; lower them")
+    if one_source:  # the four sets are cut from it, disjoint
+        # the evaluation queries come first after the support set: they do not move when n_train or n_val
+        # change (a sweep over them scores one test set); the training queries are nested as below
         support, rest = split_support_query(
             pool, cfg.n_support, cfg.n_train + cfg.n_eval + cfg.n_val, cfg.seed
         )
-        n = cfg.n_train + cfg.n_eval
-        return Splits(support, rest[: cfg.n_train], rest[cfg.n_train : n], rest[n:])
+        n = cfg.n_eval + cfg.n_train
+        return Splits(support, rest[cfg.n_eval : n], rest[: cfg.n_eval], rest[n:])
     # the first n_train of a longer draw are the n_train of a shorter one: n_val leaves the cache as it is
     support, queries = split_support_query(pool, cfg.n_support, cfg.n_train + cfg.n_val, cfg.seed)
     train, val = queries[: cfg.n_train], queries[cfg.n_train :]

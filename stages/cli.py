@@ -23,7 +23,7 @@ app.add_typer(score.app, name="score")
 
 PARAMS = typer.Option(Path("params.yaml"), help="Parameters file (one section per stage).")
 SET = typer.Option(
-    [], "--set", "-s", help="Override a parameter by name, e.g. -s train.lr=0.01 (repeatable)."
+    [], "--set", "-s", help="Override a parameter by name, e.g. -s methods.mimic.lr=0.01 (repeatable)."
 )
 
 
@@ -64,8 +64,10 @@ def extract_command(
 @app.command("train")
 def train_command(
     cache: Path = typer.Option(Path("cache/teacher.zarr"), help="Teacher store written by `mimic extract`."),
-    run_dir: Path = typer.Option(
-        Path("runs/mimic"), "--run-dir", help="Checkpoints, log and the trained method (<run-dir>/method)."
+    run_dir: Path | None = typer.Option(
+        None,
+        "--run-dir",
+        help="Checkpoints, log and the trained method (<run-dir>/method); default runs/<train.method>.",
     ),
     online: bool = typer.Option(False, help="Reference mode: run the teacher at every step, no cache."),
     replace: bool = typer.Option(
@@ -75,8 +77,11 @@ def train_command(
     set_: list[str] = SET,
 ) -> None:
     """Train `train.method` from the cached teacher (reads model, data, prompt, extract, train, methods)."""
+    from pipeline.config import load_params
     from stages.train import train
 
+    if run_dir is None:  # named after the method: `mimic evaluate` labels a run by its folder's name
+        run_dir = Path("runs") / load_params(params, set_).train.method
     summary = train(params, None if online else cache, run_dir, set_, replace=replace)
     if os.environ.get("RANK", "0") != "0":  # under torchrun: rank 0 reports
         return

@@ -25,6 +25,7 @@ from pipeline.methods.io import check_method_base, load_method
 from pipeline.models import check_model, load_model, weights_fingerprint
 from pipeline.outputs import check_writable, write_text_atomic
 from pipeline.plots import method_scores
+from pipeline.prefetch import ahead
 from pipeline.prompts import PromptBuilder
 from pipeline.rices import image_embedder, nearest_sets
 from pipeline.splits import make_splits
@@ -50,20 +51,22 @@ def evaluate(
     method_configs(params.methods)  # every section checked, as train checks its own
     here = world()
     device = rank_device(params.model.device, here)
-    labels = list(ev.methods) + [run.name for run in runs]
+    labels = list(ev.methods) + [run_label(run) for run in runs]
     if not labels or len(set(labels)) != len(labels):
         raise MimicError(
             f"methods to evaluate: {labels or 'none'}; name each once (runs by their folder names)"
         )
     check_model(params.model.name, params.model.dtype, params.model.device)
-    outputs = [metrics_path, latency_path(metrics_path), predictions_path]
-    for path in outputs:
-        check_writable(path, "output file")
+    outputs = [metrics_path, latency_path(metrics_path), predictions_path, scores_plot(metrics_path)]
     if results_dir is not None:
-        check_writable(results_dir / "zero_shot.json", "results folder")
+        outputs += [results_dir / f"{label}.json" for label in labels]
+    resolved = [path.resolve() for path in outputs]
+    if len(set(resolved)) != len(resolved):  # e.g. --metrics X --predictions X: one would overwrite the other
+        twice = next(path for path, r in zip(outputs, resolved) if resolved.count(r) > 1)
+        raise MimicError(f"{twice} would be written twice: give --metrics, --predictions and --results apart")
+    for path in outputs:  # every file, before any generation
+        check_writable(path, "output file")
     for run in runs:
-        if not (run / "method").is_dir():
-            raise MimicError(f"no trained method in {run}: train it with `mimic train --run-dir {run}` first")
         check_method_base(
             run / "method", None, params.prompt, allow_other_base
         )  # the prompt, before the model
@@ -71,7 +74,7 @@ def evaluate(
     loaded = load_model(params.model.name, params.model.dtype, device)
     trained = {}
     for run in runs:
-        trained[run.name] = load_method(
+        trained[run_label(run)] = load_method(
             run / "method", loaded.view, device=loaded.device
         )  # family and shape first
         check_method_base(run / "method", weights_fingerprint(loaded.model), None, allow_other_base)
@@ -88,7 +91,8 @@ def evaluate(
         )
         for label in labels
     }
-    answers, seconds, tokens = merge(gather(interleaved(loaded.model, builder, prompts, trained, ev), here))
+    generated = interleaved(loaded.model, builder, prompts, trained, ev, params.data.workers)
+    answers, seconds, tokens = merge(gather(generated, here))
     if not here.main:
         return None
     kind = params.data.eval["kind"]
@@ -106,7 +110,7 @@ def evaluate(
     latency_extra = {
         "model": params.model.name,
         "data": scored_on,
-        "runs": {run.name: str(run) for run in runs},
+        "runs": {run_label(run): str(run) for run in runs},
         "processes": here.size,
     }
     latency = {**latency_report(seconds, tokens, len(queries), ev), **latency_extra, "methods": labels}
@@ -127,6 +131,24 @@ def evaluate(
     method_scores(report["score"], report["metric"], scores_plot(metrics_path))
     write_text_atomic(metrics_path, json.dumps(report, indent=2, sort_keys=True, allow_nan=False) + "\n")
     return {**report, "latency": latency}
+
+
+def run_label(run: Path) -> str:
+    """A run's row in the table: its folder's name (runs/seed0/mimic -> mimic), refused where it would name
+    another method than the one trained there (a LIVE run in runs/mimic would read as MimIC's result)."""
+    from pipeline.methods import TRAINED
+    from pipeline.methods.io import read_method_config
+
+    label = run.resolve().name
+    if not (run / "method").is_dir():
+        raise MimicError(f"no trained method in {run}: train it with `mimic train --run-dir {run}` first")
+    stored = read_method_config(run / "method").get("method")
+    if label in TRAINED and stored != label:
+        raise MimicError(
+            f"{run} holds a trained {stored!r} method, but its folder's name, the label of its row, is the method "
+            f"{label!r}: move it to a folder named after it (e.g. {run.resolve().parent / str(stored)})"
+        )
+    return label
 
 
 def demonstrations(label: str, splits, ev, mine, nearest=None) -> list[list]:
@@ -150,10 +172,11 @@ def merge(shares: list[tuple[dict, dict, dict]]) -> tuple[dict, dict, dict]:
     return joined
 
 
-def interleaved(model, builder, prompts: dict, trained: dict, ev):
+def interleaved(model, builder, prompts: dict, trained: dict, ev, workers: int = 0):
     """Generate every method's answers chunk by chunk of `ev.batch_size` queries, the methods' order rotating
     from chunk to chunk, after one untimed warm-up chunk per method; `ev.repeats` passes are timed (answers come
-    from the first). Returns answers, per-chunk (seconds, queries) and prompt tokens per method."""
+    from the first). Each turn's prompts are built `workers` turns ahead in worker processes (0: when the turn
+    comes). Returns answers, per-chunk (seconds, queries) and prompt tokens per method."""
     methods = list(prompts)
     n = len(next(iter(prompts.values())))
     chunks = [(first, min(first + ev.batch_size, n)) for first in range(0, n, ev.batch_size)]
@@ -162,33 +185,43 @@ def interleaved(model, builder, prompts: dict, trained: dict, ev):
     tokens = {m: [] for m in methods}
     if not chunks:  # a rank without queries (more ranks than queries)
         return answers, seconds, tokens
+    # warm-up: first calls pay for allocations and lazy set-up; then (repeat, chunk, method) in rotating order
+    order = [(None, 0, method) for method in methods] + [
+        (r, c, method)
+        for r in range(ev.repeats)
+        for c in range(len(chunks))
+        for method in methods[c % len(methods) :] + methods[: c % len(methods)]
+    ]
 
-    def run(method, first, last, desc):
+    def prepare(t: int) -> list:
+        _, c, method = order[t]
+        first, last = chunks[c]
+        return prompts[method][first:last]
+
+    built = ahead(prepare, len(order), workers)
+    bar = tqdm(total=len(order) - len(methods), desc="evaluate", unit="turn")
+    for (r, c, method), segments in zip(order, built, strict=True):
         attached = trained[method].attach(model) if method in trained else contextlib.nullcontext()
         with attached:  # one method on the model at a time
-            return generate_answers(
+            out = generate_answers(
                 model,
                 builder,
-                prompts[method][first:last],
+                segments,
                 ev.batch_size,
                 ev.num_beams,
                 ev.max_new_tokens,
-                desc=desc,
+                desc="warm-up" if r is None else method,
                 max_batch_tokens=ev.max_batch_tokens,
                 progress=False,
             )
-
-    for method in methods:  # warm-up: first calls pay for allocations and lazy set-up
-        run(method, *chunks[0], "warm-up")
-    turns = [(r, c) for r in range(ev.repeats) for c in range(len(chunks))]
-    for r, c in tqdm(turns, desc="evaluate", unit="chunk"):
-        first, last = chunks[c]
-        for method in methods[c % len(methods) :] + methods[: c % len(methods)]:
-            out = run(method, first, last, method)
-            seconds[method].append((out.seconds, last - first))  # (seconds, queries) of the chunk
-            if r == 0:  # later repeats only time the same generation again
-                answers[method] += out.answers
-                tokens[method] += out.prompt_tokens
+        if r is None:
+            continue
+        seconds[method].append((out.seconds, len(segments)))  # (seconds, queries) of the chunk
+        if r == 0:  # later repeats only time the same generation again
+            answers[method] += out.answers
+            tokens[method] += out.prompt_tokens
+        bar.update()
+    bar.close()
     return answers, seconds, tokens
 
 

@@ -406,3 +406,58 @@ def test_split_support_query_errors():
     with pytest.raises(MimicError) as excinfo:
         split_support_query([*ITEMS, ITEMS[0]], 2, 2, seed=0)
     _one_line_error(excinfo, "'id0'", "unique")
+
+
+def test_one_source_evaluation_queries_do_not_move_with_the_training_sizes():
+    # data.eval == data.train: a sweep over n_train or n_val must score the same evaluation queries
+    from conftest import ROOT
+
+    from pipeline.config import load_params
+    from pipeline.splits import make_splits
+
+    source = "{kind: embedded, task: color, split: support, n: 80, seed: 0}"
+
+    def splits(n_train: int, n_val: int):
+        sizes = [f"data.n_train={n_train}", f"data.n_val={n_val}", "data.n_eval=20", "data.n_support=20"]
+        params = load_params(ROOT / "params.yaml", [f"data.train={source}", f"data.eval={source}", *sizes])
+        return make_splits(params.data)
+
+    small, large, with_val = splits(8, 0), splits(16, 0), splits(8, 12)
+    assert [i.id for i in small.eval] == [i.id for i in large.eval] == [i.id for i in with_val.eval]
+    assert [i.id for i in large.train[:8]] == [i.id for i in small.train] == [i.id for i in with_val.train]
+    for s in (small, large, with_val):
+        ids = [[i.id for i in part] for part in (s.support, s.train, s.eval, s.val)]
+        assert len({x for part in ids for x in part}) == sum(map(len, ids))  # disjoint
+    with pytest.raises(MimicError, match=r"data.train has 80 items, but data.n_support \+ n_train \+ n_val \+ n_eval"):
+        splits(40, 10)
+
+
+@pytest.mark.parametrize(
+    "source, message",
+    [
+        ("{kind: embedded, task: color, split: support, n: abc, seed: 0}", "data.train.n must be a whole number, got 'abc'"),
+        ("{kind: embedded, task: color, split: support, n: 64, seed: 1.5}", "data.train.seed must be a whole number"),
+        ("{kind: vqa, questions_json: 5, annotations_json: a.json, image_dir: x}", "data.train.questions_json must be a path, got 5"),
+        ("{kind: vqa, questions_json: q.json, annotations_json: a.json, image_dir: x, image_pattern: 7}", "data.train.image_pattern must be text"),
+        ("{kind: embedded, task: color, nn: 3}", r"data.train: unknown keys \['nn'\]; its keys are kind, questions_json"),
+        ("{task: color}", "data.train: missing key 'kind'"),
+        ("[1, 2]", "data.train must be dict, got \\[1, 2\\]"),
+    ],
+)
+def test_a_data_source_field_of_the_wrong_type_is_one_line_naming_it(source, message):
+    from conftest import ROOT
+
+    from pipeline.config import load_params
+    from pipeline.splits import make_splits
+
+    with pytest.raises(MimicError, match=message) as excinfo:
+        make_splits(load_params(ROOT / "params.yaml", [f"data.train={source}"]).data)
+    assert "\n" not in str(excinfo.value)
+
+
+def test_data_paths_may_start_with_the_home_folder(tmp_path, monkeypatch):
+    from pipeline.splits import data_source
+
+    monkeypatch.setenv("HOME", str(tmp_path))
+    source = data_source({"kind": "vqa", "questions_json": "~/q.json", "image_dir": "~/images"}, "data.eval")
+    assert source.questions_json == str(tmp_path / "q.json") and source.image_dir == str(tmp_path / "images")

@@ -151,3 +151,19 @@ def test_latency_quartiles_stay_within_the_chunks_timings():
     assert 2.0 <= report["ms_per_sample_p25"] <= report["ms_per_sample_p75"] <= 30.0
     assert report["ms_per_sample_p25"] == 9.0 and report["ms_per_sample_p75"] == 23.0  # numpy's linear method
     assert report["ms_per_sample"] == round(1000 * 0.068 / 6, 3)
+
+
+def test_every_output_is_checked_before_any_generation(tmp_path):
+    from pipeline.errors import MimicError
+    from stages.evaluate import evaluate
+
+    same = tmp_path / "out.json"
+    with pytest.raises(MimicError, match=r"out.json would be written twice"):
+        evaluate(ROOT / "params.yaml", [], same, same, SMALL)
+    (tmp_path / "m_scores.png").mkdir()  # the chart beside the metrics
+    with pytest.raises(MimicError, match=r"output file .*m_scores.png exists and is a folder"):
+        evaluate(ROOT / "params.yaml", [], tmp_path / "m.json", tmp_path / "p.jsonl", SMALL)
+    (tmp_path / "results" / "icl.json").mkdir(parents=True)  # not only the first method's results file
+    with pytest.raises(MimicError, match=r"output file .*icl.json exists and is a folder"):
+        evaluate(ROOT / "params.yaml", [], tmp_path / "n.json", tmp_path / "q.jsonl", SMALL, tmp_path / "results")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m_scores.png", "results"]  # nothing written

@@ -116,3 +116,18 @@ def test_killed_lora_run_resumes_to_the_same_adapter(store, tmp_path, name):
     assert any(k.endswith("lora_B.weight") and lora_a[k].abs().max() > 0 for k in lora_a)  # it trained
     assert all(torch.allclose(x, y, atol=1e-6) for x, y in zip(a.tensors().values(), b.tensors().values()))
     assert (full / "train_log.tsv").read_text() == (resumed / "train_log.tsv").read_text()
+
+
+def test_a_run_is_named_after_its_method_and_evaluate_refuses_one_under_another_methods_name(store, tmp_path):
+    params = ["--params", ROOT / "params.yaml", *overrides("train.epochs=1", "train.method=live")]
+    cli("train", "--cache", store, *params, cwd=tmp_path, check=True)  # no --run-dir: runs/live
+    assert (tmp_path / "runs" / "live" / "method").is_dir() and not (tmp_path / "runs" / "mimic").exists()
+    (tmp_path / "runs" / "live").rename(tmp_path / "runs" / "mimic")
+    result = cli("evaluate", "--run-dir", "runs/mimic", *params, cwd=tmp_path)
+    assert result.returncode == 2 and not (tmp_path / "metrics").exists()
+    assert "holds a trained 'live' method, but its folder's name" in result.stderr.strip().splitlines()[-1]
+    (tmp_path / "runs" / "mimic").rename(tmp_path / "runs" / "my_live")  # any other name labels the row
+    from stages.evaluate import run_label
+
+    assert run_label(tmp_path / "runs" / "my_live") == "my_live"
+    assert run_label(tmp_path / "runs" / "my_live" / ".") == "my_live"  # `.` is the folder's own name
