@@ -92,7 +92,9 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         queries, support = items(Path(tmp), args.samples, "q"), items(Path(tmp), 64, "s")
         samples = training_samples(queries, support, args.k, 1, seed=0)
-        print(f"{args.samples} teacher prompts of {args.k} demonstrations + the query (640 x 480 JPEGs), batch {args.batch}")
+        print(
+            f"{args.samples} teacher prompts of {args.k} demonstrations + the query (640 x 480 JPEGs), batch {args.batch}"
+        )
         print("| family | workers | seconds (best of rounds) | samples/s | speed-up |")
         print("|---|---|---|---|---|")
         for name, processor in processors().items():

@@ -64,13 +64,25 @@ def own_vision_tower(loaded) -> Embed:
     return _batched(embed_one)
 
 
+def check_encoder(path: str | None) -> None:
+    """Before any model is read: a given encoder directory exists and has a config.json (None: the model's own
+    vision tower)."""
+    if path is None:
+        return
+    if not Path(path).is_dir():
+        raise MimicError(f"data.rices_encoder: no encoder directory at {path}")
+    if not (Path(path) / "config.json").is_file():
+        raise MimicError(
+            f"data.rices_encoder: {path} has no config.json (a save_pretrained directory is needed)"
+        )
+
+
 def encoder_directory(path: str, device) -> Embed:
     """Embeddings from a vision encoder saved with `save_pretrained` (CLIP's image_embeds where it has them)."""
     import transformers
     from transformers import AutoConfig, AutoImageProcessor, AutoModel
 
-    if not Path(path).is_dir():
-        raise MimicError(f"data.rices_encoder: no encoder directory at {path}")
+    check_encoder(path)
     try:
         processor = AutoImageProcessor.from_pretrained(path)
         architectures = AutoConfig.from_pretrained(path).architectures or []

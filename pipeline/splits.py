@@ -26,13 +26,17 @@ def data_source(mapping: dict, where: str) -> DataSource:
     """`data.train` or `data.eval` as a DataSource: every key known and of its field's type (paths may start
     with ~), or one line naming the first that is not."""
     if not isinstance(mapping, dict):
-        raise MimicError(f"{where} must be a mapping such as {{kind: vqa, questions_json: ...}}, got {mapping!r}")
+        raise MimicError(
+            f"{where} must be a mapping such as {{kind: vqa, questions_json: ...}}, got {mapping!r}"
+        )
     hints = typing.get_type_hints(DataSource)
     unknown = sorted(set(mapping) - set(hints))
     if unknown or "kind" not in mapping:
         problem = f"unknown keys {unknown}" if unknown else "missing key 'kind'"
         raise MimicError(f"{where}: {problem}; its keys are {', '.join(hints)}")
-    return DataSource(**{name: _field(value, hints[name], f"{where}.{name}") for name, value in mapping.items()})
+    return DataSource(
+        **{name: _field(value, hints[name], f"{where}.{name}") for name, value in mapping.items()}
+    )
 
 
 def _field(value, kind, where: str):

@@ -116,7 +116,9 @@ def batch_loss(
     return [loss, ce, align, kl]
 
 
-def student_inputs(builder: PromptBuilder, samples: TrainingSamples, part, ex: ExtractConfig, view: ModelView):
+def student_inputs(
+    builder: PromptBuilder, samples: TrainingSamples, part, ex: ExtractConfig, view: ModelView
+):
     """The student batch of samples `part`, its query+answer lengths and its aligned positions (`kept_positions`)."""
     batch, lengths = student_batch(builder, samples, part)
     return batch, lengths, kept_positions(builder, samples, part, ex.positions, view.image_token_id)

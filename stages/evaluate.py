@@ -27,7 +27,7 @@ from pipeline.outputs import check_writable, write_text_atomic
 from pipeline.plots import method_scores
 from pipeline.prefetch import ahead
 from pipeline.prompts import PromptBuilder
-from pipeline.rices import image_embedder, nearest_sets
+from pipeline.rices import check_encoder, image_embedder, nearest_sets
 from pipeline.splits import make_splits
 
 log = logging.getLogger(__name__)
@@ -71,6 +71,8 @@ def evaluate(
             run / "method", None, params.prompt, allow_other_base
         )  # the prompt, before the model
     splits = make_splits(params.data)  # data errors before the model is read
+    if "rices" in labels:
+        check_encoder(params.data.rices_encoder)
     loaded = load_model(params.model.name, params.model.dtype, device)
     trained = {}
     for run in runs:
@@ -200,7 +202,7 @@ def interleaved(model, builder, prompts: dict, trained: dict, ev, workers: int =
 
     built = ahead(prepare, len(order), workers)
     bar = tqdm(total=len(order) - len(methods), desc="evaluate", unit="turn")
-    for (r, c, method), segments in zip(order, built, strict=True):
+    for (r, _, method), segments in zip(order, built, strict=True):
         attached = trained[method].attach(model) if method in trained else contextlib.nullcontext()
         with attached:  # one method on the model at a time
             out = generate_answers(

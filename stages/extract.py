@@ -25,6 +25,7 @@ from pipeline.models import check_model, load_model
 from pipeline.outputs import check_writable
 from pipeline.prefetch import ahead
 from pipeline.prompts import PromptBuilder
+from pipeline.rices import check_encoder
 from pipeline.samples import kept_positions, teacher_batch, teacher_samples
 from pipeline.splits import make_splits
 from pipeline.teacher import forward_query_states
@@ -41,6 +42,8 @@ def extract(params_path: Path, out: Path, overrides: list[str], replace: bool = 
     here = world()  # under torchrun: each rank computes and writes its part of the one store
     check_writable(out, "teacher store", folder=True)
     splits = make_splits(params.data)  # data errors before the model is read
+    if ex.icd == "rices":
+        check_encoder(params.data.rices_encoder)
     loaded = load_model(params.model.name, params.model.dtype, rank_device(params.model.device, here))
     samples = teacher_samples(splits, ex, loaded, params.data.rices_encoder, loaded.device)
     geo = loaded.view.geometry

@@ -30,6 +30,7 @@ from pipeline.outputs import check_writable, write_text_atomic
 from pipeline.plots import layer_curve, training_curves
 from pipeline.prefetch import ahead
 from pipeline.prompts import PromptBuilder
+from pipeline.rices import check_encoder
 from pipeline.samples import batch_counts, teacher_samples
 from pipeline.sources import sources_hash
 from pipeline.splits import make_splits
@@ -73,6 +74,8 @@ def train(
     if cache is not None:
         CacheReader.open(cache, verify=False)  # exists and complete: fail before loading a large model
     splits = make_splits(params.data)  # data errors before the model is read
+    if params.extract.icd == "rices":
+        check_encoder(params.data.rices_encoder)
     loaded = loaded or load_model(params.model.name, params.model.dtype, device)
     model, view = loaded.model, loaded.view
     layers = list(range(view.geometry.num_layers)) if ex.layers is None else sorted(ex.layers)
@@ -138,7 +141,9 @@ def train(
             batches = epoch_batches(samples, epoch, tr.batch_size, tr.seed)
             parts = [[b[n] for n in share(len(b), here)] for b in batches]  # this rank's rows of each batch
             inputs = ahead(  # the student batches, built params.data.workers batches ahead
-                lambda i: student_inputs(builder, samples, parts[i], ex, view) if parts[i] else None,
+                lambda i, parts=parts: (
+                    student_inputs(builder, samples, parts[i], ex, view) if parts[i] else None
+                ),
                 len(parts),
                 params.data.workers,
             )

@@ -428,18 +428,35 @@ def test_one_source_evaluation_queries_do_not_move_with_the_training_sizes():
     for s in (small, large, with_val):
         ids = [[i.id for i in part] for part in (s.support, s.train, s.eval, s.val)]
         assert len({x for part in ids for x in part}) == sum(map(len, ids))  # disjoint
-    with pytest.raises(MimicError, match=r"data.train has 80 items, but data.n_support \+ n_train \+ n_val \+ n_eval"):
+    with pytest.raises(
+        MimicError, match=r"data.train has 80 items, but data.n_support \+ n_train \+ n_val \+ n_eval"
+    ):
         splits(40, 10)
 
 
 @pytest.mark.parametrize(
     "source, message",
     [
-        ("{kind: embedded, task: color, split: support, n: abc, seed: 0}", "data.train.n must be a whole number, got 'abc'"),
-        ("{kind: embedded, task: color, split: support, n: 64, seed: 1.5}", "data.train.seed must be a whole number"),
-        ("{kind: vqa, questions_json: 5, annotations_json: a.json, image_dir: x}", "data.train.questions_json must be a path, got 5"),
-        ("{kind: vqa, questions_json: q.json, annotations_json: a.json, image_dir: x, image_pattern: 7}", "data.train.image_pattern must be text"),
-        ("{kind: embedded, task: color, nn: 3}", r"data.train: unknown keys \['nn'\]; its keys are kind, questions_json"),
+        (
+            "{kind: embedded, task: color, split: support, n: abc, seed: 0}",
+            "data.train.n must be a whole number, got 'abc'",
+        ),
+        (
+            "{kind: embedded, task: color, split: support, n: 64, seed: 1.5}",
+            "data.train.seed must be a whole number",
+        ),
+        (
+            "{kind: vqa, questions_json: 5, annotations_json: a.json, image_dir: x}",
+            "data.train.questions_json must be a path, got 5",
+        ),
+        (
+            "{kind: vqa, questions_json: q.json, annotations_json: a.json, image_dir: x, image_pattern: 7}",
+            "data.train.image_pattern must be text",
+        ),
+        (
+            "{kind: embedded, task: color, nn: 3}",
+            r"data.train: unknown keys \['nn'\]; its keys are kind, questions_json",
+        ),
         ("{task: color}", "data.train: missing key 'kind'"),
         ("[1, 2]", "data.train must be dict, got \\[1, 2\\]"),
     ],

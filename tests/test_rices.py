@@ -97,3 +97,28 @@ def test_the_teacher_takes_the_nearest_demonstrations_with_extract_icd_rices():
     nearest = samples.icd_sets[0][0]
     others = [i for i in range(len(splits.support)) if i not in nearest]
     assert similarity[0, nearest].min() >= similarity[0, others].max()  # set 0: the k most similar images
+
+
+@pytest.mark.parametrize("stage", ["extract", "train", "evaluate"])
+def test_a_missing_rices_encoder_is_refused_before_the_model_is_read(stage, tmp_path, monkeypatch):
+    import importlib
+
+    from conftest import ROOT, SMALL
+
+    from pipeline.errors import MimicError
+
+    module = importlib.import_module(f"stages.{stage}")
+    monkeypatch.setattr(module, "load_model", lambda *a, **k: pytest.fail("the model was read first"))
+    settings = [*SMALL, f"data.rices_encoder={tmp_path / 'clip'}", "extract.icd=rices"]
+    run = {
+        "extract": lambda: module.extract(ROOT / "params.yaml", tmp_path / "t.zarr", settings),
+        "train": lambda: module.train(ROOT / "params.yaml", None, tmp_path / "run", settings),  # online
+        "evaluate": lambda: module.evaluate(
+            ROOT / "params.yaml", [], tmp_path / "m.json", tmp_path / "p.jsonl", settings
+        ),
+    }[stage]
+    with pytest.raises(MimicError, match=f"data.rices_encoder: no encoder directory at {tmp_path / 'clip'}"):
+        run()
+    (tmp_path / "clip").mkdir()
+    with pytest.raises(MimicError, match="has no config.json"):
+        run()

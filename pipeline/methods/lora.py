@@ -69,7 +69,9 @@ class PeftLora:
 
     def __init__(self, config: LoraMethodConfig, seed: int):
         self.config, self.seed = config, seed
-        self._saved: dict[str, torch.Tensor] | None = None  # peft's state dict; None = peft's own initialisation
+        self._saved: dict[str, torch.Tensor] | None = (
+            None  # peft's state dict; None = peft's own initialisation
+        )
         self.peft = None
         self._parked = None  # after a detach: (weakref to the model, its PeftModel, its LoRA layers)
 

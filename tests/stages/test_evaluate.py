@@ -165,5 +165,7 @@ def test_every_output_is_checked_before_any_generation(tmp_path):
         evaluate(ROOT / "params.yaml", [], tmp_path / "m.json", tmp_path / "p.jsonl", SMALL)
     (tmp_path / "results" / "icl.json").mkdir(parents=True)  # not only the first method's results file
     with pytest.raises(MimicError, match=r"output file .*icl.json exists and is a folder"):
-        evaluate(ROOT / "params.yaml", [], tmp_path / "n.json", tmp_path / "q.jsonl", SMALL, tmp_path / "results")
+        evaluate(
+            ROOT / "params.yaml", [], tmp_path / "n.json", tmp_path / "q.jsonl", SMALL, tmp_path / "results"
+        )
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m_scores.png", "results"]  # nothing written

@@ -87,7 +87,12 @@ def test_prompts_built_by_worker_threads_write_the_same_store_and_train_the_same
     extract(params, tmp_path / "workers.zarr", ["data.workers=2"])
     assert_same_store(tmp_path / "serial.zarr", tmp_path / "workers.zarr")
     for workers in (0, 2):
-        train(params, tmp_path / "serial.zarr", tmp_path / f"run{workers}", [f"data.workers={workers}", "train.epochs=2"])
+        train(
+            params,
+            tmp_path / "serial.zarr",
+            tmp_path / f"run{workers}",
+            [f"data.workers={workers}", "train.epochs=2"],
+        )
     for name in ("method/method.safetensors", "train_log.tsv"):
         assert (tmp_path / "run0" / name).read_bytes() == (tmp_path / "run2" / name).read_bytes(), name
 
@@ -128,7 +133,9 @@ def test_generation_prompts_built_by_worker_threads_give_the_same_answers(data, 
         metrics, predictions = tmp_path / f"m{workers}.json", tmp_path / f"p{workers}.jsonl"
         reports.append(evaluate(params, [], metrics, predictions, [f"data.workers={workers}"]))
         reports[-1]["predictions"] = predictions.read_text()
-    assert reports[0]["score"] == reports[1]["score"] and reports[0]["predictions"] == reports[1]["predictions"]
+    assert (
+        reports[0]["score"] == reports[1]["score"] and reports[0]["predictions"] == reports[1]["predictions"]
+    )
     for method in ("zero_shot", "icl", "rices"):
         tokens = [r["latency"][method]["prompt_tokens_per_sample"] for r in reports]
         assert tokens[0] == tokens[1]
