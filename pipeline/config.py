@@ -87,6 +87,8 @@ class ExtractConfig:
         _at_least("extract", 0, topk=self.topk, chunk_tokens=self.chunk_tokens)
         if self.layers is not None and (not self.layers or min(self.layers) < 0):
             raise MimicError(f"extract.layers={self.layers!r}: give layer numbers from 0, or null for all")
+        if self.layers is not None and len(set(self.layers)) != len(self.layers):
+            raise MimicError(f"extract.layers={self.layers!r}: name each layer once")
         _one_of("extract.site", self.site, SITES)
         _one_of("extract.codec", self.codec, CODECS)
         if self.positions not in ("all", "text"):
@@ -252,4 +254,8 @@ def load_params(path: str | Path, overrides: list[str] = ()) -> Params:
         raw = yaml.safe_load(path.read_text())
     except yaml.YAMLError as err:
         raise MimicError(f"{path} is not valid YAML: {str(err).splitlines()[0]}") from err
+    if raw is not None and not isinstance(raw, dict):
+        raise MimicError(
+            f"{path} must hold a mapping of sections (model:, data:, ...), not a {type(raw).__name__}"
+        )
     return parse_section(Params, apply_overrides(raw or {}, list(overrides), str(path)), str(path))

@@ -91,8 +91,9 @@ def summary_table(summary: dict) -> str:
     ]
     for method, row in summary["detail"].items():
         seeds = ", ".join(f"{v:.1f}" for v in row["seeds"])
+        interval = f"{row['low']:.1f} - {row['high']:.1f}" if n > 1 else "n/a (one seed)"
         lines.append(
-            f"| {method} | {row['mean']:.1f} | {row['low']:.1f} - {row['high']:.1f} | {seeds} | "
+            f"| {method} | {row['mean']:.1f} | {interval} | {seeds} | "
             f"{row['parameters']:,} | {row['ms_per_sample']:.2f} |"
         )
     return "\n".join(lines)

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from pipeline.config import ExtractConfig
-from pipeline.errors import MimicError
+from pipeline.errors import MimicError, one_line
 from pipeline.families import ModelView
 from pipeline.prompts import PromptBuilder
 from pipeline.samples import TrainingSamples, kept_positions, student_batch, teacher_batch
@@ -197,7 +197,10 @@ def load_checkpoint(path: Path) -> dict | None:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # a truncated or foreign file
-        raise MimicError(f"checkpoint {path} is unreadable ({err}); delete it to restart the run") from err
+        raise MimicError(
+            f"checkpoint {path} is unreadable ({type(err).__name__}: {one_line(err)[:200]}); delete it or pass "
+            "--replace to restart the run"
+        ) from err
 
 
 def epoch_batches(samples: TrainingSamples, epoch: int, batch_size: int, seed: int) -> list[list[int]]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import sys
 from pathlib import Path
 
@@ -84,6 +85,12 @@ def train_command(
         run_dir = Path("runs") / load_params(params, set_).train.method
     summary = train(params, None if online else cache, run_dir, set_, replace=replace)
     if os.environ.get("RANK", "0") != "0":  # under torchrun: rank 0 reports
+        return
+    if summary.get("fitted"):  # tv, fv: no steps, a layer chosen on the validation queries
+        typer.echo(
+            f"{run_dir / 'method'}: {summary['parameters']:,} parameters, layer {summary['layer']} chosen on the "
+            f"validation queries (CE {summary['last_loss']:.4g}; the worst layer {summary['first_loss']:.4g})"
+        )
         return
     typer.echo(
         f"{run_dir / 'method'}: {summary['parameters']:,} parameters, loss {summary['first_loss']:.4g} -> "
@@ -181,8 +188,18 @@ def report_command(
     typer.echo(format_report(read_report(metrics)))
 
 
+class _Interrupted(BaseException):
+    """Ctrl-C, raised past typer (which turns a KeyboardInterrupt into a silent exit 130)."""
+
+
+def _interrupt(signum, frame) -> None:
+    raise _Interrupted
+
+
 def main() -> None:
-    """Entry point of the console script: a MimicError becomes one line on stderr and exit code 2."""
+    """Entry point of the console script: a MimicError becomes one line on stderr and exit code 2; Ctrl-C one
+    line and exit code 130."""
+    signal.signal(signal.SIGINT, _interrupt)
     try:
         app()
     except MimicError as err:
@@ -200,8 +217,10 @@ def main() -> None:
             err=True,
         )
         sys.exit(2)
-    except KeyboardInterrupt:
-        typer.echo("mimic: interrupted", err=True)
+    except (KeyboardInterrupt, _Interrupted):
+        typer.echo(
+            "mimic: interrupted (extract and train resume where they stopped when run again)", err=True
+        )
         sys.exit(130)
 
 

@@ -187,8 +187,14 @@ def train(
 
 def checkpoint_of(path: Path, identity: dict, replace: bool) -> dict | None:
     """The checkpoint at `path` if it belongs to this run; one of another run is refused (or, with `replace`,
-    discarded) naming what differs."""
-    state = load_checkpoint(path)
+    discarded) naming what differs; an unreadable one likewise."""
+    try:
+        state = load_checkpoint(path)
+    except MimicError:
+        if not replace:
+            raise
+        log.info("discarding %s: it cannot be read", path)
+        return None
     if state is None or state.get("identity") == identity:
         return state
     old = state.get("identity") if isinstance(state.get("identity"), dict) else {}
@@ -246,7 +252,8 @@ def fit_method(
     write_text_atomic(
         run_dir / "train_summary.json", json.dumps({"validation_ce": best}, indent=2, sort_keys=True)
     )
-    return {**summary, "first_loss": max(r["validation_ce"] for r in rows), "last_loss": best}
+    worst = max(r["validation_ce"] for r in rows)
+    return {**summary, "first_loss": worst, "last_loss": best, "fitted": True, "layer": method.layer}
 
 
 def training_summary(rows: list[dict], epoch_seconds: list[float]) -> dict:

@@ -90,3 +90,16 @@ def test_a_text_field_override_takes_the_text_as_written():
     assert load_params(ROOT / "params.yaml", ["model.device=cuda:1"]).model.device == "cuda:1"
     with pytest.raises(MimicError, match=r"the value is not valid YAML"):  # other fields keep YAML's rules
         load_params(ROOT / "params.yaml", ["extract.layers=[0, 2"])
+
+
+def test_a_layer_listed_twice_is_refused():
+    # it would be cached twice and weigh twice in the alignment loss
+    with pytest.raises(MimicError, match=r"extract.layers=\[3, 1, 1\]: name each layer once"):
+        load_params(ROOT / "params.yaml", ["extract.layers=[3, 1, 1]"])
+
+
+def test_a_params_file_that_is_not_a_mapping_is_one_line(tmp_path):
+    path = tmp_path / "params.yaml"
+    path.write_text("- model\n- data\n")
+    with pytest.raises(MimicError, match=r"must hold a mapping of sections .*not a list"):
+        load_params(path, ["extract.k=2"])

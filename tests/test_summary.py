@@ -65,3 +65,11 @@ def test_summary_keeps_the_method_order_and_refuses_mismatched_seeds():
     reports[1] = report({"zero_shot": 14.0}, {"zero_shot": 3.0})
     with pytest.raises(ValueError, match="seed 1 scored"):
         summarize(reports)
+
+
+def test_one_seed_shows_no_interval_rather_than_a_zero_width_one():
+    summary = summarize({0: report({"icl": 93.8}, {"icl": 1.0})})
+    row = summary_table(summary).splitlines()[2]
+    assert row.startswith("| icl | 93.8 | n/a (one seed) | 93.8 |")
+    two = summarize({0: report({"icl": 93.8}, {"icl": 1.0}), 1: report({"icl": 90.0}, {"icl": 1.0})})
+    assert "n/a" not in summary_table(two)

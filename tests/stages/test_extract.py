@@ -151,3 +151,20 @@ def test_train_refuses_a_cache_of_another_model(store, tmp_path):
     assert result.returncode == 2
     line = result.stderr.strip().splitlines()[-1]
     assert line.startswith("mimic: error:") and "model_weights" in line and "another model" in line
+
+
+def test_ctrl_c_is_one_line_and_exit_130_and_the_rerun_resumes(store, tmp_path):
+    out = tmp_path / "interrupted.zarr"
+    settings = overrides("extract.batch_size=2", "extract.chunk_tokens=16")
+    command = [sys.executable, "-m", "stages.cli", "extract", "--out", str(out), *settings]
+    proc = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while _marked(out) < 4 and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    _, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 130 and "Traceback" not in stderr
+    assert stderr.strip().splitlines()[-1].startswith("mimic: interrupted")
+    assert 0 < _marked(out) < 24 and zarr.open_group(out, mode="r").attrs["complete"] is False
+    cli("extract", "--out", out, *settings, check=True)
+    assert _marked(out) == 24

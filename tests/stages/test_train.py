@@ -131,3 +131,18 @@ def test_a_run_is_named_after_its_method_and_evaluate_refuses_one_under_another_
 
     assert run_label(tmp_path / "runs" / "my_live") == "my_live"
     assert run_label(tmp_path / "runs" / "my_live" / ".") == "my_live"  # `.` is the folder's own name
+
+
+def test_an_unreadable_checkpoint_is_one_line_and_replace_discards_it(store, tmp_path):
+    from pipeline.errors import MimicError
+    from stages.train import train
+
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "checkpoint.pt").write_text("garbage")
+    settings = [*SMALL, "train.epochs=1"]
+    with pytest.raises(MimicError, match=r"checkpoint .* is unreadable .*pass --replace") as excinfo:
+        train(ROOT / "params.yaml", store, run, settings)
+    assert "\n" not in str(excinfo.value)
+    summary = train(ROOT / "params.yaml", store, run, settings, replace=True)  # DVC passes --replace
+    assert summary["steps"] > 0 and (run / "method").is_dir()
