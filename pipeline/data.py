@@ -239,6 +239,7 @@ class DataSource:
     task: str | None = None  # embedded: color|shape|size|position
     n: int | None = None  # embedded: number of items
     seed: int | None = None  # embedded: rendering seed
+    metric: str | None = None  # table: exact_match (default), vqa_accuracy, okvqa_accuracy or cider_d
 
 
 _LOADERS = {
@@ -256,7 +257,11 @@ def load_items(source: DataSource) -> list[Item]:
         raise MimicError(f"unknown data source kind '{source.kind}'; use one of {', '.join(_LOADERS)}")
     loader = _LOADERS[source.kind]
     params = inspect.signature(loader).parameters
-    given = {f.name: getattr(source, f.name) for f in fields(source) if f.name != "kind"}
+    if source.metric is not None and source.kind != "table":
+        raise MimicError(
+            f"data source kind '{source.kind}': metric is for tables only ({source.kind} has its official metric)"
+        )
+    given = {f.name: getattr(source, f.name) for f in fields(source) if f.name not in ("kind", "metric")}
     given = {name: value for name, value in given.items() if value is not None}
     missing = [name for name, p in params.items() if p.default is p.empty and name not in given]
     unused = [name for name in given if name not in params]

@@ -149,6 +149,25 @@ class Scored:
     extra: dict[str, float]
 
 
+TABLE_METRICS = {
+    "exact_match": "table",
+    "vqa_accuracy": "vqa",
+    "okvqa_accuracy": "okvqa",
+    "cider_d": "coco_karpathy",
+}
+
+
+def scored_as(source: dict) -> str:
+    """The kind whose metric scores data source `source` (a `data.eval` mapping): its own kind, or for a table the
+    kind of its `metric` (a VQAv2 table with ten answers per question scores as vqa)."""
+    kind, metric = source["kind"], source.get("metric")
+    if kind != "table" or metric is None:
+        return kind
+    if metric not in TABLE_METRICS:
+        raise MimicError(f"data.eval.metric={metric!r}: choose one of {', '.join(TABLE_METRICS)}")
+    return TABLE_METRICS[metric]
+
+
 def score(kind: str, items: Sequence[Item], answers: Sequence[str]) -> Scored:
     """The dataset's standard metric: exact match, VQA accuracy (OK-VQA with its answer stemming) or CIDEr-D."""
     from pipeline.metrics import exact_match

@@ -18,7 +18,7 @@ from tqdm import tqdm
 from pipeline.config import load_params
 from pipeline.distributed import gather, rank_device, share, world
 from pipeline.errors import MimicError
-from pipeline.evaluation import GenerationPrompts, generate_answers, official_results, score
+from pipeline.evaluation import GenerationPrompts, generate_answers, official_results, score, scored_as
 from pipeline.icd import sample_icd_sets
 from pipeline.methods import method_configs
 from pipeline.methods.io import check_method_base, load_method
@@ -57,6 +57,7 @@ def evaluate(
             f"methods to evaluate: {labels or 'none'}; name each once (runs by their folder names)"
         )
     check_model(params.model.name, params.model.dtype, params.model.device)
+    scored_as(params.data.eval)  # a table's metric name, before the model
     outputs = [metrics_path, latency_path(metrics_path), predictions_path, scores_plot(metrics_path)]
     if results_dir is not None:
         outputs += [results_dir / f"{label}.json" for label in labels]
@@ -97,7 +98,7 @@ def evaluate(
     answers, seconds, tokens = merge(gather(generated, here))
     if not here.main:
         return None
-    kind = params.data.eval["kind"]
+    kind = scored_as(params.data.eval)
     scored = {m: score(kind, queries, answers[m]) for m in labels}
     metric = next(iter(scored.values())).metric
     scored_on = {**params.data.eval, "queries": len(queries), "split_seed": params.data.seed}
@@ -124,7 +125,9 @@ def evaluate(
             row[method] = {"prediction": answer, "score": value}
     if results_dir is not None:
         for method in labels:
-            text = json.dumps(official_results(kind, queries, answers[method]), allow_nan=False)
+            text = json.dumps(
+                official_results(params.data.eval["kind"], queries, answers[method]), allow_nan=False
+            )
             write_text_atomic(results_dir / f"{method}.json", text + "\n")
     write_text_atomic(
         predictions_path, "".join(json.dumps(r, sort_keys=True, allow_nan=False) + "\n" for r in rows)

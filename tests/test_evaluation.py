@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from pipeline.evaluation import GenerationPrompts, generation_batches
@@ -49,3 +50,30 @@ def test_prompts_are_built_only_when_their_batch_is_reached():
     assert sizes([first]) == [[5, 6]] and builder.built == [5, 6, 7]  # the next prompt opens the next batch
     assert sizes(batches) == [[7, 8], [9, 10]]
     assert len(prompts) == 6 and sizes([prompts[1:3]]) == [[6, 7]]
+
+
+def test_a_table_of_vqa_answers_scores_with_vqa_accuracy_when_asked():
+    # exact match against any reference gives 100 for an answer only one of ten annotators gave
+    from pipeline.data import Item
+    from pipeline.errors import MimicError
+    from pipeline.evaluation import score, scored_as
+
+    item = Item("q1", (), "what colour?", ("red",) + ("blue",) * 9)
+    assert score(scored_as({"kind": "table"}), [item], ["red"]).value == 100.0
+    vqa = scored_as({"kind": "table", "metric": "vqa_accuracy"})
+    assert vqa == "vqa" and score(vqa, [item], ["red"]).value == pytest.approx(30.0)
+    assert score(vqa, [item], ["red"]).value == score("vqa", [item], ["red"]).value
+    assert (
+        scored_as({"kind": "vqa"}) == "vqa"
+        and scored_as({"kind": "table", "metric": "cider_d"}) == "coco_karpathy"
+    )
+    with pytest.raises(MimicError, match="data.eval.metric='bleu': choose one of exact_match"):
+        scored_as({"kind": "table", "metric": "bleu"})
+
+
+def test_only_a_table_takes_a_metric(tmp_path):
+    from pipeline.data import DataSource, load_items
+    from pipeline.errors import MimicError
+
+    with pytest.raises(MimicError, match="metric is for tables only"):
+        load_items(DataSource("embedded", task="color", split="support", n=4, seed=0, metric="vqa_accuracy"))
