@@ -16,8 +16,9 @@ import torch
 import zarr
 from tqdm import tqdm
 
+from pipeline.cache.background import AsyncWriter
 from pipeline.cache.store import Layout, store_stats
-from pipeline.cache.writer import AsyncWriter, CacheWriter, Part
+from pipeline.cache.writer import CacheWriter, Part
 from pipeline.config import load_params
 from pipeline.distributed import barrier, gather, rank_device, share, world
 from pipeline.fingerprint import teacher_fingerprint
@@ -51,8 +52,9 @@ def extract(params_path: Path, out: Path, overrides: list[str], replace: bool = 
     builder = PromptBuilder.for_model(loaded, params.prompt)
     image_token = loaded.view.image_token_id
     every = range(len(splits.train))  # sample i of ICD set 0 is query i
+    # token counts (images are not kept), the queries encoded params.data.workers at a time
+    rounds = list(ahead(lambda i: builder.tokens(splits.train[i]), len(splits.train), params.data.workers))
     kept = kept_positions(builder, samples, every, ex.positions, image_token)
-    rounds = [builder.tokens(q) for q in splits.train]  # token counts; images are not kept
     kept_counts = [len(r.input_ids) for r in rounds] if kept is None else [int(k.sum()) for k in kept]
     token_counts = kept_counts * ex.m
     answer_counts = [int(r.answer_mask.sum()) for r in rounds] * ex.m

@@ -26,8 +26,9 @@ from cache_samples import (
 
 import pipeline.cache.store as cache_store
 import pipeline.cache.writer as cache_writer
+from pipeline.cache.background import AsyncWriter
 from pipeline.cache.store import CacheReader
-from pipeline.cache.writer import AsyncWriter, CacheWriter
+from pipeline.cache.writer import CacheWriter
 from pipeline.errors import MimicError
 
 REPO = Path(__file__).resolve().parents[1]
