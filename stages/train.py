@@ -68,9 +68,13 @@ def train(
     check_model(params.model.name, params.model.dtype, params.model.device, ex.layers)
     here = world()  # under torchrun: each rank trains on its share of every batch
     device = rank_device(params.model.device, here)
-    check_writable(run_dir / "method", "run directory", folder=True)
     if cache is None and (config.kl_weight > 0 or tr.method in ("lora", "mimic_lora", "tv", "fv")):
         raise MimicError(f"--online serves MimIC-style alignment only; {tr.method} trains from the cache")
+    if tr.method in ("tv", "fv") and params.data.n_val == 0:
+        raise MimicError(f"{tr.method} chooses its layer on validation queries: set data.n_val > 0")
+    check_writable(
+        run_dir / "method", "run directory", folder=True
+    )  # after the checks: no empty run dir left
     if cache is not None:
         CacheReader.open(cache, verify=False)  # exists and complete: fail before loading a large model
     splits = make_splits(params.data)  # data errors before the model is read

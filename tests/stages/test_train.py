@@ -146,3 +146,16 @@ def test_an_unreadable_checkpoint_is_one_line_and_replace_discards_it(store, tmp
     assert "\n" not in str(excinfo.value)
     summary = train(ROOT / "params.yaml", store, run, settings, replace=True)  # DVC passes --replace
     assert summary["steps"] > 0 and (run / "method").is_dir()
+
+
+@pytest.mark.parametrize(
+    "name, message", [("live", "--online serves MimIC-style"), ("tv", "set data.n_val > 0")]
+)
+def test_a_refused_training_leaves_no_run_directory(tmp_path, name, message):
+    from pipeline.errors import MimicError
+    from stages.train import train
+
+    run, cache = tmp_path / "runs" / name, None if name == "live" else tmp_path / "t.zarr"  # live online
+    with pytest.raises(MimicError, match=message):
+        train(ROOT / "params.yaml", cache, run, [*SMALL, f"train.method={name}"])  # SMALL has n_val=0
+    assert not (tmp_path / "runs").exists()
