@@ -216,7 +216,8 @@ def parse_section(cls, data: dict, where: str):
 
 def apply_overrides(data: dict, overrides: list[str], where: str) -> dict:
     """`["methods.mimic.lr=0.01", "extract.k=8"]` applied to the raw mapping (dotted paths, YAML-parsed values;
-    a field holding text takes the text as written when YAML would read it otherwise, e.g. `prompt={question}`,
+    a field holding text takes the text as written where YAML fails or reads a mapping or list, e.g.
+    `prompt={question}`,
     and a YAML double-quoted value gives escapes such as `\\n`)."""
     data = yaml.safe_load(yaml.safe_dump(data))  # deep copy
     for item in overrides:
@@ -241,7 +242,8 @@ def apply_overrides(data: dict, overrides: list[str], where: str) -> dict:
                 problem = " ".join(str(getattr(err, "problem", "") or err).split())
                 raise MimicError(f"override {item!r}: the value is not valid YAML ({problem})") from err
             value = raw
-        node[keys[-1]] = raw if text_field and not isinstance(value, str) else value
+        # YAML's braces and brackets are text in a text field; null, numbers and booleans keep their meaning
+        node[keys[-1]] = raw if text_field and isinstance(value, (dict, list)) else value
     return data
 
 

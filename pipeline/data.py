@@ -10,6 +10,7 @@ import inspect
 import io
 import json
 import random
+import threading
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -42,11 +43,17 @@ class Item:
     answers: tuple[str, ...]  # all references, duplicates kept: the VQA metric counts agreement
 
 
+_DECODING = threading.Lock()  # one in-memory image decoded at a time
+
+
 def load_image(image: Path | str | Image.Image) -> Image.Image:
-    """Open one image of an `Item` as RGB; a missing or corrupt file raises a MimicError naming it."""
+    """Open one image of an `Item` as RGB; a missing or corrupt file raises a MimicError naming it. Safe from
+    several threads (pipeline/prefetch.py): a file is opened anew each time, and an in-memory image (a table's
+    bytes, decoded on first use: PIL's lazy decoding is not thread-safe) is converted under a lock."""
     if isinstance(image, Image.Image):
         try:
-            return image.convert("RGB")
+            with _DECODING:
+                return image.convert("RGB")
         except _IMAGE_ERRORS as exc:
             name = getattr(image, "filename", "") or "an in-memory image from a table"
             raise MimicError(

@@ -6,7 +6,7 @@ import os
 import random
 import typing
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from pipeline.config import DataConfig
@@ -34,9 +34,12 @@ def data_source(mapping: dict, where: str) -> DataSource:
     if unknown or "kind" not in mapping:
         problem = f"unknown keys {unknown}" if unknown else "missing key 'kind'"
         raise MimicError(f"{where}: {problem}; its keys are {', '.join(hints)}")
-    return DataSource(
-        **{name: _field(value, hints[name], f"{where}.{name}") for name, value in mapping.items()}
-    )
+    source = DataSource(**{n: _field(value, hints[n], f"{where}.{n}") for n, value in mapping.items()})
+    if source.metric is not None and source.kind != "table":
+        raise MimicError(
+            f"{where}.metric: only a table takes a metric ({source.kind} has its official metric)"
+        )
+    return source
 
 
 def _field(value, kind, where: str):
@@ -55,8 +58,10 @@ def _field(value, kind, where: str):
 
 def make_splits(cfg: DataConfig) -> Splits:
     """Support and training queries from `cfg.train` (disjoint), evaluation queries from `cfg.eval`."""
-    pool = load_items(data_source(cfg.train, "data.train"))
-    one_source = cfg.eval == cfg.train
+    train_source, eval_source = data_source(cfg.train, "data.train"), data_source(cfg.eval, "data.eval")
+    # one source: the same data, however written (a metric to score it with, ~ or the full path)
+    one_source = replace(train_source, metric=None) == replace(eval_source, metric=None)
+    pool = load_items(train_source)
     needed = cfg.n_support + cfg.n_train + cfg.n_val + (cfg.n_eval if one_source else 0)
     if needed > len(pool):
         sizes = "n_support + n_train + n_val" + (" + n_eval (data.eval is data.train)" if one_source else "")
@@ -72,7 +77,7 @@ def make_splits(cfg: DataConfig) -> Splits:
     # the first n_train of a longer draw are the n_train of a shorter one: n_val leaves the cache as it is
     support, queries = split_support_query(pool, cfg.n_support, cfg.n_train + cfg.n_val, cfg.seed)
     train, val = queries[: cfg.n_train], queries[cfg.n_train :]
-    held_out = load_items(data_source(cfg.eval, "data.eval"))
+    held_out = load_items(eval_source)
     if cfg.n_eval > len(held_out):
         raise MimicError(f"data.n_eval={cfg.n_eval} but data.eval has {len(held_out)} items")
     order = list(range(len(held_out)))

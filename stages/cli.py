@@ -199,7 +199,8 @@ def _interrupt(signum, frame) -> None:
 def main() -> None:
     """Entry point of the console script: a MimicError becomes one line on stderr and exit code 2; Ctrl-C one
     line and exit code 130."""
-    signal.signal(signal.SIGINT, _interrupt)
+    if signal.getsignal(signal.SIGINT) is signal.default_int_handler:  # not where the caller ignores it (`&`)
+        signal.signal(signal.SIGINT, _interrupt)
     try:
         app()
     except MimicError as err:

@@ -25,7 +25,7 @@ from pipeline.methods.io import check_method_base, load_method
 from pipeline.models import check_model, load_model, weights_fingerprint
 from pipeline.outputs import check_writable, write_text_atomic
 from pipeline.plots import method_scores
-from pipeline.prefetch import ahead
+from pipeline.prefetch import in_waves
 from pipeline.prompts import PromptBuilder
 from pipeline.rices import check_encoder, image_embedder, nearest_sets
 from pipeline.splits import make_splits
@@ -141,13 +141,18 @@ def evaluate(
 def run_label(run: Path) -> str:
     """A run's row in the table: its folder's name (runs/seed0/mimic -> mimic), refused where it would name
     another method than the one trained there (a LIVE run in runs/mimic would read as MimIC's result)."""
-    from pipeline.methods import TRAINED
+    from pipeline.methods import PROMPT_METHODS, TRAINED
     from pipeline.methods.io import read_method_config
 
     label = run.resolve().name
     if not (run / "method").is_dir():
         raise MimicError(f"no trained method in {run}: train it with `mimic train --run-dir {run}` first")
     stored = read_method_config(run / "method").get("method")
+    if label in PROMPT_METHODS:  # its row would get demonstrations, and the speed-up would read it as ICL
+        raise MimicError(
+            f"{run} is named after the prompt method {label!r}: move the run to a folder named after its "
+            f"method (e.g. {run.resolve().parent / str(stored)})"
+        )
     if label in TRAINED and stored != label:
         raise MimicError(
             f"{run} holds a trained {stored!r} method, but its folder's name, the label of its row, is the method "
@@ -180,8 +185,9 @@ def merge(shares: list[tuple[dict, dict, dict]]) -> tuple[dict, dict, dict]:
 def interleaved(model, builder, prompts: dict, trained: dict, ev, workers: int = 0):
     """Generate every method's answers chunk by chunk of `ev.batch_size` queries, the methods' order rotating
     from chunk to chunk, after one untimed warm-up chunk per method; `ev.repeats` passes are timed (answers come
-    from the first). Each turn's prompts are built `workers` turns ahead in worker processes (0: when the turn
-    comes). Returns answers, per-chunk (seconds, queries) and prompt tokens per method."""
+    from the first). The turns' prompts are built `workers` turns at a time by as many threads, between the
+    timed generations, never during them (0: each when its turn comes). Returns answers, per-chunk (seconds,
+    queries) and prompt tokens per method."""
     methods = list(prompts)
     n = len(next(iter(prompts.values())))
     chunks = [(first, min(first + ev.batch_size, n)) for first in range(0, n, ev.batch_size)]
@@ -203,30 +209,30 @@ def interleaved(model, builder, prompts: dict, trained: dict, ev, workers: int =
         first, last = chunks[c]
         return prompts[method][first:last]
 
-    built = ahead(prepare, len(order), workers)
+    built = in_waves(prepare, len(order), workers)  # never built while a turn is timed
     bar = tqdm(total=len(order) - len(methods), desc="evaluate", unit="turn")
-    for (r, _, method), segments in zip(order, built, strict=True):
-        attached = trained[method].attach(model) if method in trained else contextlib.nullcontext()
-        with attached:  # one method on the model at a time
-            out = generate_answers(
-                model,
-                builder,
-                segments,
-                ev.batch_size,
-                ev.num_beams,
-                ev.max_new_tokens,
-                desc="warm-up" if r is None else method,
-                max_batch_tokens=ev.max_batch_tokens,
-                progress=False,
-            )
-        if r is None:
-            continue
-        seconds[method].append((out.seconds, len(segments)))  # (seconds, queries) of the chunk
-        if r == 0:  # later repeats only time the same generation again
-            answers[method] += out.answers
-            tokens[method] += out.prompt_tokens
-        bar.update()
-    bar.close()
+    with contextlib.closing(built), bar:  # closed: an error leaves no thread building
+        for (r, _, method), segments in zip(order, built, strict=True):
+            attached = trained[method].attach(model) if method in trained else contextlib.nullcontext()
+            with attached:  # one method on the model at a time
+                out = generate_answers(
+                    model,
+                    builder,
+                    segments,
+                    ev.batch_size,
+                    ev.num_beams,
+                    ev.max_new_tokens,
+                    desc="warm-up" if r is None else method,
+                    max_batch_tokens=ev.max_batch_tokens,
+                    progress=False,
+                )
+            if r is None:
+                continue
+            seconds[method].append((out.seconds, len(segments)))  # (seconds, queries) of the chunk
+            if r == 0:  # later repeats only time the same generation again
+                answers[method] += out.answers
+                tokens[method] += out.prompt_tokens
+            bar.update()
     return answers, seconds, tokens
 
 

@@ -6,6 +6,7 @@ staged writes in a background thread -> mark complete -> report size and compres
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import shutil
@@ -97,6 +98,7 @@ def extract(params_path: Path, out: Path, overrides: list[str], replace: bool = 
 
     inputs = ahead(prepare, len(chunks), params.data.workers)
     with (
+        contextlib.closing(inputs),  # an error stops the building threads too
         AsyncWriter(writer) as writes,
         torch.no_grad(),
         tqdm(total=len(todo), desc="extract", unit="sample") as bar,

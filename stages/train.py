@@ -8,6 +8,7 @@ save the method (pipeline.methods.io).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -156,7 +157,8 @@ def train(
                 if reader is not None
                 else OnlineTargets(model, view, builder, samples, method, parts, ex, layers)
             )
-            trainer.epoch(epoch, batches, parts, zip(targets, inputs), counts, loss, here, rows, progress)
+            with contextlib.closing(inputs):  # an error stops the building threads too
+                trainer.epoch(epoch, batches, parts, zip(targets, inputs), counts, loss, here, rows, progress)
             epoch_seconds.append(time.perf_counter() - epoch_start)
             if here.main:  # one checkpoint, written by one rank; every rank holds the same weights
                 saved = {"method": method.checkpoint_state(), **trainer.state_dict(), "epoch": epoch + 1}

@@ -88,6 +88,8 @@ def test_a_text_field_override_takes_the_text_as_written():
     quoted = load_params(ROOT / "params.yaml", ['prompt="{image}Q: {question} A: {answer}\\n"'])
     assert quoted.prompt == "{image}Q: {question} A: {answer}\n"  # YAML's double quotes give the escapes
     assert load_params(ROOT / "params.yaml", ["model.device=cuda:1"]).model.device == "cuda:1"
+    encoder = ["data.rices_encoder=/m/clip", "data.rices_encoder=null"]  # a text field set back to null
+    assert load_params(ROOT / "params.yaml", encoder).data.rices_encoder is None
     with pytest.raises(MimicError, match=r"the value is not valid YAML"):  # other fields keep YAML's rules
         load_params(ROOT / "params.yaml", ["extract.layers=[0, 2"])
 

@@ -478,3 +478,52 @@ def test_data_paths_may_start_with_the_home_folder(tmp_path, monkeypatch):
     monkeypatch.setenv("HOME", str(tmp_path))
     source = data_source({"kind": "vqa", "questions_json": "~/q.json", "image_dir": "~/images"}, "data.eval")
     assert source.questions_json == str(tmp_path / "q.json") and source.image_dir == str(tmp_path / "images")
+
+
+def test_a_table_image_decoded_by_several_threads_at_once_gives_its_pixels():
+    # a table's image bytes are decoded lazily by PIL, which is not thread-safe: prompts built by worker threads
+    # (data.workers) may decode one item's image at the same moment
+    import io
+    from concurrent.futures import ThreadPoolExecutor
+
+    import numpy as np
+    from PIL import Image
+
+    from pipeline.data import load_image
+
+    noise = np.random.default_rng(0).integers(0, 256, (480, 640, 3), dtype=np.uint8)  # slow to decode
+    buffer = io.BytesIO()
+    Image.fromarray(noise).save(buffer, "JPEG", quality=90)
+    expected = np.asarray(Image.open(io.BytesIO(buffer.getvalue())).convert("RGB"))
+    with ThreadPoolExecutor(2) as pool:
+        for _ in range(30):
+            lazy = Image.open(io.BytesIO(buffer.getvalue()))  # as pipeline.data._table_image returns it
+            decoded = list(pool.map(lambda _, image=lazy: np.asarray(load_image(image)), range(2)))
+            assert all(np.array_equal(d, expected) for d in decoded)
+
+
+def test_a_table_named_twice_with_a_metric_or_another_spelling_of_its_path_is_one_source(
+    tmp_path, monkeypatch
+):
+    import json
+
+    from conftest import ROOT
+
+    from pipeline.config import load_params
+    from pipeline.splits import make_splits
+
+    rows = [{"id": f"r{i}", "image": "a.png", "question": "what?", "answers": ["red"]} for i in range(30)]
+    (tmp_path / "t.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    monkeypatch.setenv("HOME", str(tmp_path))
+    sizes = ["data.n_train=8", "data.n_val=0", "data.n_eval=10", "data.n_support=10"]
+    plain = f"{{kind: table, path: {tmp_path / 't.jsonl'}}}"
+    other = "{kind: table, path: ~/t.jsonl, metric: vqa_accuracy}"
+
+    def splits(eval_source):
+        settings = [f"data.train={plain}", f"data.eval={eval_source}", *sizes]
+        return make_splits(load_params(ROOT / "params.yaml", settings).data)
+
+    one, same = splits(plain), splits(other)
+    assert [i.id for i in same.eval] == [i.id for i in one.eval] and len(one.eval) == 10
+    with pytest.raises(MimicError, match="data.eval.metric: only a table takes a metric"):
+        splits("{kind: embedded, task: color, split: query, n: 8, seed: 0, metric: cider_d}")

@@ -9,7 +9,6 @@ format (`adapter_config.json`, `adapter_model.safetensors`; `lora/` inside a mim
 from __future__ import annotations
 
 import re
-import weakref
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -65,7 +64,8 @@ class PeftLora:
     The first attach to a model injects peft's LoRA layers (~1 s for the 128 projections of an 8B model); a
     detach puts the original Linear modules back, as peft's unload does, but keeps the LoRA layers, so attaching
     to the same model again only puts them back (evaluation attaches once per chunk of queries). New weights
-    (`saved` set) or another model inject afresh."""
+    (`saved` set), another model or a model moved to another device inject afresh. Parked layers keep their
+    model referenced until then."""
 
     def __init__(self, config: LoraMethodConfig, seed: int):
         self.config, self.seed = config, seed
@@ -73,7 +73,7 @@ class PeftLora:
             None  # peft's state dict; None = peft's own initialisation
         )
         self.peft = None
-        self._parked = None  # after a detach: (weakref to the model, its PeftModel, its LoRA layers)
+        self._parked = None  # after a detach: (the model, its PeftModel, its LoRA layers)
 
     @property
     def saved(self) -> dict[str, torch.Tensor] | None:
@@ -97,7 +97,7 @@ class PeftLora:
     def attach(self, model: nn.Module):
         if self.peft is not None:
             raise MimicError("this LoRA adapter is already attached to a model")
-        if self._parked is not None and self._parked[0]() is model:
+        if self._parked is not None and self._parked[0] is model and _on_one_device(self._parked[2]):
             _, self.peft, layers = self._parked
             for parent, name, layer in layers:
                 setattr(parent, name, layer)
@@ -113,7 +113,7 @@ class PeftLora:
                 setattr(parent, name, layer.get_base_layer())
             if hasattr(model, "peft_config"):
                 del model.peft_config
-            self._parked = (weakref.ref(model), self.peft, layers)
+            self._parked = (model, self.peft, layers)  # the PeftModel holds the model anyway
             self.peft = None
 
         return remove
@@ -277,6 +277,11 @@ class MimicLora(Trained):
     def load_checkpoint_state(self, state: dict) -> None:
         self.load_tensors({k: v for k, v in state.items() if k.startswith("shift.")})
         self.lora.load_checkpoint_state({k[5:]: v for k, v in state.items() if k.startswith("lora.")})
+
+
+def _on_one_device(layers) -> bool:
+    """The parked layers' LoRA weights still sit with their base layers (the model was not moved since)."""
+    return all(len({p.device for p in layer.parameters()}) == 1 for _, _, layer in layers)
 
 
 def lora_layers(model: nn.Module) -> list[tuple[nn.Module, str, BaseTunerLayer]]:

@@ -307,3 +307,21 @@ def test_a_lora_reattached_to_its_model_puts_its_layers_back_without_peft(monkey
     else:
         with method.shift.attach(model), torch.no_grad():
             assert torch.equal(zeroed, model(**inputs).logits)  # MimIC's heads alone
+
+
+def test_a_lora_parked_then_its_model_moved_injects_afresh(monkeypatch):
+    # the parked LoRA weights are not in the model's tree: a move of the model leaves them behind
+    import pipeline.methods.lora as lora_module
+
+    model = build_tiny("llava")
+    view = ModelView(model)
+    method = build_method("lora", TRAINED["lora"][1], view, torch.Generator().manual_seed(0))
+    injected = []
+    real = lora_module.get_peft_model
+    monkeypatch.setattr(lora_module, "get_peft_model", lambda *a, **k: injected.append(1) or real(*a, **k))
+    with method.attach(model):
+        pass
+    model.to("meta")  # another device (no GPU here): the base layers move, the parked LoRA weights do not
+    with method.attach(model):
+        assert {p.device.type for n, p in model.named_parameters() if "lora_" in n} == {"meta"}
+    assert len(injected) == 2

@@ -126,7 +126,10 @@ def test_a_run_is_named_after_its_method_and_evaluate_refuses_one_under_another_
     result = cli("evaluate", "--run-dir", "runs/mimic", *params, cwd=tmp_path)
     assert result.returncode == 2 and not (tmp_path / "metrics").exists()
     assert "holds a trained 'live' method, but its folder's name" in result.stderr.strip().splitlines()[-1]
-    (tmp_path / "runs" / "mimic").rename(tmp_path / "runs" / "my_live")  # any other name labels the row
+    (tmp_path / "runs" / "mimic").rename(tmp_path / "runs" / "icl")  # a prompt method's name: refused too
+    result = cli("evaluate", "--run-dir", "runs/icl", *params, cwd=tmp_path)
+    assert "is named after the prompt method 'icl'" in result.stderr.strip().splitlines()[-1]
+    (tmp_path / "runs" / "icl").rename(tmp_path / "runs" / "my_live")  # any other name labels the row
     from stages.evaluate import run_label
 
     assert run_label(tmp_path / "runs" / "my_live") == "my_live"
