@@ -83,22 +83,19 @@ class Weights:
 def batch_loss(
     model,
     view: ModelView,
-    builder: PromptBuilder,
-    samples: TrainingSamples,
-    part,
+    inputs: tuple,
     target,
     counts,
     ex: ExtractConfig,
     layers: Sequence[int],
     weights: Weights,
-    inputs: tuple | None = None,
 ) -> list[torch.Tensor]:
     """[loss, ce, align, kl] of this process's part of a batch, each divided by the WHOLE batch's counts
-    (answers, aligned positions) so that the parts add up. `target`: the cache's (states, top-k log-probs,
-    top-k ids) per sample of `part`. States are recorded only when aligned, logits kept only where needed.
-    `inputs`: `student_inputs` of `part` if built already (ahead, in a worker process)."""
+    (answers, aligned positions) so that the parts add up. `inputs`: the part's `student_inputs`; `target`: the
+    cache's (states, top-k log-probs, top-k ids) per sample of the part. States are recorded only when aligned,
+    logits kept only where needed."""
     answers, aligned = counts
-    batch, lengths, keep = inputs or student_inputs(builder, samples, part, ex, view)
+    batch, lengths, keep = inputs
     zero = torch.zeros((), device=next(model.parameters()).device)
     if weights.align > 0:
         got, logits = forward_query_states(model, view, batch, lengths, ex.site, layers, kept=keep)

@@ -51,7 +51,8 @@ def evaluate(
     method_configs(params.methods)  # every section checked, as train checks its own
     here = world()
     device = rank_device(params.model.device, here)
-    labels = list(ev.methods) + [run_label(run) for run in runs]
+    named = [(run_label(run), run) for run in runs]  # each run's row, by its folder's name
+    labels = list(ev.methods) + [label for label, _ in named]
     if not labels or len(set(labels)) != len(labels):
         raise MimicError(
             f"methods to evaluate: {labels or 'none'}; name each once (runs by their folder names)"
@@ -76,8 +77,8 @@ def evaluate(
         check_encoder(params.data.rices_encoder)
     loaded = load_model(params.model.name, params.model.dtype, device)
     trained = {}
-    for run in runs:
-        trained[run_label(run)] = load_method(
+    for label, run in named:
+        trained[label] = load_method(
             run / "method", loaded.view, device=loaded.device
         )  # family and shape first
         check_method_base(run / "method", weights_fingerprint(loaded.model), None, allow_other_base)
@@ -113,7 +114,7 @@ def evaluate(
     latency_extra = {
         "model": params.model.name,
         "data": scored_on,
-        "runs": {run_label(run): str(run) for run in runs},
+        "runs": {label: str(run) for label, run in named},
         "processes": here.size,
     }
     latency = {**latency_report(seconds, tokens, len(queries), ev), **latency_extra, "methods": labels}

@@ -73,9 +73,8 @@ def train(
         raise MimicError(f"--online serves MimIC-style alignment only; {tr.method} trains from the cache")
     if tr.method in ("tv", "fv") and params.data.n_val == 0:
         raise MimicError(f"{tr.method} chooses its layer on validation queries: set data.n_val > 0")
-    check_writable(
-        run_dir / "method", "run directory", folder=True
-    )  # after the checks: no empty run dir left
+    # after the checks above: a refused run leaves no empty run directory
+    check_writable(run_dir / "method", "run directory", folder=True)
     if cache is not None:
         CacheReader.open(cache, verify=False)  # exists and complete: fail before loading a large model
     splits = make_splits(params.data)  # data errors before the model is read
@@ -131,7 +130,7 @@ def train(
 
     def loss(part, target_and_inputs, whole):
         target, inputs = target_and_inputs
-        return batch_loss(model, view, builder, samples, part, target, whole, ex, layers, weights, inputs)
+        return batch_loss(model, view, inputs, target, whole, ex, layers, weights)
 
     bar = tqdm(total=batches_per_epoch * tr.epochs, initial=batches_per_epoch * start_epoch, desc=tr.method)
 
